@@ -1,0 +1,299 @@
+"""The seam to Gemini Live: what the relay needs (send audio, read events, close) over google-genai.
+
+The relay never sees pydantic types, URLs or SDK exceptions: it gets model audio as `bytes`, a few small
+event objects, and `UpstreamError(code, reason)` carrying the close code to give the browser.
+
+Long calls: a Live connection lasts about ten minutes and announces its end with `goAway`. The session
+keeps the newest resumable handle and, on goAway, reconnects with it at the next turn boundary (or just
+before the announced deadline), after the old socket is closed; it also tries one resumption after an
+unexpected drop (1011/1006). Audio sent meanwhile waits for the new connection instead of being lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from errors import Close, Reason
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+INPUT_MIME_TYPE = "audio/pcm;rate=16000"
+CONNECT_TIMEOUT = 10.0
+GO_AWAY_MARGIN = 5.0  # reconnect at least this long before the announced drop
+# Gemini's pongs have been seen 8-30 s late: ping rarely and wait long before declaring it dead.
+KEEPALIVE = {"ping_interval": 30.0, "ping_timeout": 60.0}
+RESUMABLE_CODES = {1006, 1011}
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    role: str  # "user" or "coach"
+    text: str
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TurnComplete:
+    pass
+
+
+Event = bytes | Transcript | Interrupted | TurnComplete
+INTERRUPTED = Interrupted()
+TURN_COMPLETE = TurnComplete()
+
+
+class UpstreamError(Exception):
+    """The AI session failed or ended; `code` and `reason` are what the browser should be told."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class LiveConnector:
+    """Opens Live sessions for one model with one configured client (shared by every session)."""
+
+    def __init__(self, client: genai.Client, model: str, *, transcripts: bool = False) -> None:
+        self.client = client
+        self.model = model
+        self.transcripts = transcripts
+
+    @contextlib.asynccontextmanager
+    async def session(self, system_instruction: str) -> AsyncIterator[LiveSession]:
+        session = LiveSession(self, system_instruction)
+        await session.open()
+        try:
+            yield session
+        finally:
+            await session.aclose()
+
+    def config(self, system_instruction: str, handle: str | None) -> types.LiveConnectConfig:
+        transcription = types.AudioTranscriptionConfig() if self.transcripts else None
+        return types.LiveConnectConfig(
+            response_modalities=[types.Modality.AUDIO],
+            system_instruction=system_instruction,
+            # A handle is only ever sent when the service gave one: never an empty string.
+            session_resumption=types.SessionResumptionConfig(handle=handle or None),
+            context_window_compression=types.ContextWindowCompressionConfig(
+                sliding_window=types.SlidingWindow()
+            ),
+            input_audio_transcription=transcription,
+            output_audio_transcription=transcription,
+        )
+
+
+class LiveSession:
+    """One call's upstream: possibly several Live connections in a row, one at a time.
+
+    `send_audio()` is called by the relay's reader, `events()` iterated by its writer; the two may run
+    concurrently. `events()` owns reconnection.
+    """
+
+    def __init__(self, connector: LiveConnector, system_instruction: str) -> None:
+        self._connector = connector
+        self._system_instruction = system_instruction
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._live: Any = None
+        self._ready = asyncio.Event()
+        self._closed = False
+        self.handle: str | None = None
+        self.reconnects = 0
+        self.connect_seconds: list[float] = []
+
+    async def open(self) -> None:
+        stack = contextlib.AsyncExitStack()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                self._live = await stack.enter_async_context(
+                    self._connector.client.aio.live.connect(
+                        model=self._connector.model,
+                        config=self._connector.config(self._system_instruction, self.handle),
+                    )
+                )
+        except BaseException as exc:
+            await stack.aclose()
+            if isinstance(exc, Exception):
+                raise _upstream_error(exc, connecting=True) from exc
+            raise
+        self.connect_seconds.append(time.monotonic() - started)
+        self._stack = stack
+        self._ready.set()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._ready.clear()
+        stack, self._stack, self._live = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                await stack.aclose()
+
+    async def send_audio(self, pcm: bytes) -> None:
+        """Forward 16 kHz s16le PCM; during a reconnection, waits for the new connection."""
+        while True:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await self._ready.wait()
+            except TimeoutError:
+                raise UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED) from None
+            live = self._live
+            try:
+                await live.send_realtime_input(audio=types.Blob(data=pcm, mime_type=INPUT_MIME_TYPE))
+                return
+            except ConnectionClosed as exc:
+                if self._closed:
+                    raise UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_ENDED) from exc
+                if live is self._live and self._ready.is_set():
+                    # Not being replaced yet: let events() see the drop and decide; retry then.
+                    self._ready.clear()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Model audio and events, across turns and reconnections, until the upstream ends."""
+        go_away_deadline: float | None = None
+        in_turn = False
+        unexpected_retry_used = False
+        while True:
+            messages = self._messages(self._live)
+            try:
+                while True:
+                    if go_away_deadline is not None and not in_turn:
+                        break  # a turn boundary after goAway: switch connections now
+                    async with asyncio.timeout_at(_loop_deadline(go_away_deadline)):
+                        message = await anext(messages)
+                    unexpected_retry_used = False
+                    if message.session_resumption_update is not None:
+                        update = message.session_resumption_update
+                        if update.resumable and update.new_handle:
+                            self.handle = update.new_handle
+                    if message.go_away is not None:
+                        go_away_deadline = _go_away_deadline(message.go_away.time_left)
+                    content = message.server_content
+                    if content is None:
+                        continue
+                    for event in _content_events(content):
+                        if isinstance(event, bytes):
+                            in_turn = True
+                        elif event is TURN_COMPLETE or event is INTERRUPTED:
+                            in_turn = False
+                        yield event
+            except TimeoutError:
+                pass  # the goAway deadline is near: reconnect even mid-turn
+            except UpstreamError as exc:
+                resumable = exc.code in RESUMABLE_CODES and self.handle and not self._closed
+                if not resumable or unexpected_retry_used:
+                    if exc.code in RESUMABLE_CODES:  # 1006 is never sent on a wire
+                        raise UpstreamError(Close.INTERNAL_ERROR, exc.reason) from exc
+                    raise
+                unexpected_retry_used = True
+                log.warning("upstream dropped (%s); resuming once", exc)
+            finally:
+                await messages.aclose()
+            go_away_deadline, in_turn = None, False
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        if not self.handle:
+            raise UpstreamError(Close.SERVICE_RESTART, Reason.UPSTREAM_ENDED)
+        self._ready.clear()
+        stack, self._stack = self._stack, None
+        if stack is not None:  # never resume while the old socket is still open
+            with contextlib.suppress(Exception):
+                await stack.aclose()
+        await self.open()
+        self.reconnects += 1
+        log.info("upstream resumed (reconnect %d)", self.reconnects)
+
+    @staticmethod
+    async def _messages(live: Any) -> AsyncIterator[Any]:
+        """Every server message: `receive()` stops at each turn's end, so call it again and again."""
+        while True:
+            try:
+                async for message in live.receive():
+                    yield message
+            except TypeError:
+                # The SDK raises this on a frame holding only keys it does not know: skip the frame.
+                log.debug("skipped an upstream message the SDK could not parse")
+            except Exception as exc:
+                raise _upstream_error(exc, connecting=False) from exc
+
+
+def connector_from_settings(settings: Settings) -> LiveConnector | None:
+    """None when no API key is configured: the voice socket then refuses with 1011."""
+    if not settings.gemini_api_key:
+        return None
+    http_options = types.HttpOptions(
+        api_version=settings.gemini_api_version,
+        base_url=settings.gemini_base_url,
+        # PCM in base64 barely compresses: permessage-deflate would only cost CPU per message.
+        async_client_args={**KEEPALIVE, "compression": None},
+    )
+    client = genai.Client(api_key=settings.gemini_api_key, http_options=http_options)
+    return LiveConnector(client, settings.gemini_model)
+
+
+def _content_events(content: Any) -> list[Event]:
+    events: list[Event] = []
+    if content.interrupted:
+        events.append(INTERRUPTED)
+    if content.input_transcription is not None and content.input_transcription.text:
+        t = content.input_transcription
+        events.append(Transcript("user", t.text, bool(t.finished)))
+    if content.model_turn is not None:
+        for part in content.model_turn.parts or ():
+            if part.inline_data is not None and part.inline_data.data:
+                events.append(part.inline_data.data)
+    if content.output_transcription is not None and content.output_transcription.text:
+        t = content.output_transcription
+        events.append(Transcript("coach", t.text, bool(t.finished)))
+    if content.turn_complete:
+        events.append(TURN_COMPLETE)
+    return events
+
+
+def _go_away_deadline(time_left: str | None) -> float:
+    seconds = 0.0
+    if time_left:
+        with contextlib.suppress(ValueError):
+            seconds = float(time_left.rstrip("s"))
+    return time.monotonic() + max(0.0, seconds - GO_AWAY_MARGIN)
+
+
+def _loop_deadline(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+def _upstream_error(exc: Exception, *, connecting: bool) -> UpstreamError:
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, genai_errors.APIError):
+        code = exc.code if isinstance(exc.code, int) else 1011
+        if code == 1000:
+            return UpstreamError(Close.NORMAL, Reason.UPSTREAM_ENDED)
+        if code in RESUMABLE_CODES and not connecting:
+            return UpstreamError(code, Reason.UPSTREAM_FAILED)  # the caller may resume
+        return UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED)
+    if isinstance(exc, ConnectionClosed):
+        return UpstreamError(1006, Reason.UPSTREAM_FAILED)
+    if isinstance(exc, (InvalidStatus, InvalidHandshake, OSError, TimeoutError)):
+        return UpstreamError(Close.BAD_GATEWAY, Reason.UPSTREAM_UNAVAILABLE)
+    return UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED)
