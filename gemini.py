@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 INPUT_MIME_TYPE = "audio/pcm;rate=16000"
 CONNECT_TIMEOUT = 10.0
 GO_AWAY_MARGIN = 5.0  # reconnect at least this long before the announced drop
-# Gemini's pongs have been seen 8-30 s late: ping rarely and wait long before declaring it dead.
-KEEPALIVE = {"ping_interval": 30.0, "ping_timeout": 60.0}
+WEBSOCKET_OPTIONS = {
+    # Gemini's pongs have been seen 8-30 s late: ping rarely, wait long before declaring it dead.
+    "ping_interval": 30.0,
+    "ping_timeout": 60.0,
+    # Ending a session must not wait long on a peer whose unread audio hides its close frame.
+    "close_timeout": 2.0,
+    # PCM in base64 barely compresses: permessage-deflate would only cost CPU per message.
+    "compression": None,
+}
 RESUMABLE_CODES = {1006, 1011}
 
 
@@ -242,8 +249,7 @@ def connector_from_settings(settings: Settings) -> LiveConnector | None:
     http_options = types.HttpOptions(
         api_version=settings.gemini_api_version,
         base_url=settings.gemini_base_url,
-        # PCM in base64 barely compresses: permessage-deflate would only cost CPU per message.
-        async_client_args={**KEEPALIVE, "compression": None},
+        async_client_args=dict(WEBSOCKET_OPTIONS),
     )
     client = genai.Client(api_key=settings.gemini_api_key, http_options=http_options)
     return LiveConnector(client, settings.gemini_model)

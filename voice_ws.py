@@ -38,7 +38,8 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT = 2.0  # a browser that does not read cannot receive a close frame either
+CLOSE_TIMEOUT = 2.0
+MAX_JOINED_BYTES = 65536  # a browser that does not read cannot receive a close frame either
 INSTANCE = socket.gethostname()
 
 
@@ -59,7 +60,11 @@ class Counters:
 
 
 class Outbox:
-    """Frames waiting for the browser, bounded in bytes; consecutive audio is sent as one frame."""
+    """Frames waiting for the browser, bounded in bytes.
+
+    Audio that piles up while a send is in flight leaves as one frame (at most `MAX_JOINED_BYTES`):
+    fewer, larger frames when the browser is slow, and no added delay when it keeps up.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -75,19 +80,21 @@ class Outbox:
         self._ready.set()
 
     async def get(self) -> bytes | str:
-        while not self._frames:
+        frames = self._frames
+        while not frames:
             self._ready.clear()
             await self._ready.wait()
-        first = self._frames.popleft()
-        if isinstance(first, str) or not self._frames or isinstance(self._frames[0], str):
-            self._bytes -= len(first)
+        first = frames.popleft()
+        self._bytes -= len(first)
+        if isinstance(first, str) or not frames or isinstance(frames[0], str):
             return first
-        parts = [first]
-        while self._frames and isinstance(self._frames[0], bytes):
-            parts.append(self._frames.popleft())  # type: ignore[arg-type]
-        frame = b"".join(parts)
-        self._bytes -= len(frame)
-        return frame
+        parts, size = [first], len(first)
+        while frames and isinstance(frames[0], bytes) and size + len(frames[0]) <= MAX_JOINED_BYTES:
+            frame = frames.popleft()
+            parts.append(frame)  # type: ignore[arg-type]
+            size += len(frame)
+        self._bytes -= size - len(first)
+        return b"".join(parts)  # type: ignore[arg-type]
 
 
 class VoiceStream(WebSocketEndpoint):

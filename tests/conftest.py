@@ -141,6 +141,13 @@ async def simulator(tmp_root: Path) -> AsyncIterator[LiveSimulator]:
         yield sim
 
 
+@pytest.fixture(autouse=True)
+def _fresh_simulator_cursor(request: pytest.FixtureRequest) -> None:
+    """Each test's `simulator.next_session()` starts with the sessions that test opens."""
+    if "simulator" in request.fixturenames:
+        request.getfixturevalue("simulator").skip_recorded()
+
+
 @dataclasses.dataclass
 class Served:
     url: str  # http://127.0.0.1:PORT
@@ -163,7 +170,7 @@ def serve_app(settings: Settings, simulator: LiveSimulator, pool: asyncpg.Pool) 
         from app import create_app
 
         app_settings = dataclasses.replace(
-            settings, gemini_base_url=simulator.url, **overrides
+            settings, **{"gemini_base_url": simulator.url, **overrides}
         )
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
