@@ -114,7 +114,8 @@ async def me(request: Request) -> Response:
 async def impacts(request: Request) -> Response:
     user = await auth.require_user(request)
     rows = [
-        row async for row in db.queries.list_impacts_with_steps(request.state.pool, user_id=user["id"])
+        row
+        async for row in db.queries.list_impacts_with_steps(request.state.pool, user_id=user["id"])
     ]
     return JSONResponse(
         [
@@ -143,11 +144,11 @@ async def _announce_demo(pool: asyncpg.Pool, settings: Settings) -> None:
     _, created = await ensure_demo(pool)
     base = f"http://{settings.host}:{settings.port}"
     # Printed, not logged: a banner for the person at the terminal of `make run`.
-    print(  # noqa: T201
+    print(
         f"\n  Test page: {base}/\n"
         f"  Demo login{' (created)' if created else ''}: {DEMO_EMAIL} / {DEMO_PASSWORD}\n"
         f"  Token: curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' "
-        f"-d '{{\"email\":\"{DEMO_EMAIL}\",\"password\":\"{DEMO_PASSWORD}\"}}'\n",
+        f'-d \'{{"email":"{DEMO_EMAIL}","password":"{DEMO_PASSWORD}"}}\'\n',
         file=sys.stderr,
         flush=True,
     )

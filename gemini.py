@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,7 +163,9 @@ class LiveSession:
                 raise UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED) from None
             live = self._live
             try:
-                await live.send_realtime_input(audio=types.Blob(data=pcm, mime_type=INPUT_MIME_TYPE))
+                await live.send_realtime_input(
+                    audio=types.Blob(data=pcm, mime_type=INPUT_MIME_TYPE)
+                )
                 return
             except ConnectionClosed as exc:
                 if self._closed:
@@ -229,7 +231,7 @@ class LiveSession:
         log.info("upstream resumed (reconnect %d)", self.reconnects)
 
     @staticmethod
-    async def _messages(live: Any) -> AsyncIterator[Any]:
+    async def _messages(live: Any) -> AsyncGenerator[Any, None]:
         """Every server message: `receive()` stops at each turn's end, so call it again and again."""
         while True:
             try:

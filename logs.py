@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 _SECRET_PARAM = re.compile(r"(?i)\b(token|ticket|access_token|password)=([^&\s\"']+)")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
@@ -44,7 +45,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class RedactingFormatter(logging.Formatter):
-    def formatException(self, ei):  # type: ignore[no-untyped-def]  # noqa: N802 - stdlib name
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - the stdlib's name
         return redact(super().formatException(ei))
 
 

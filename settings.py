@@ -64,7 +64,9 @@ class Settings:
             gemini_base_url=env.get("GEMINI_BASE_URL") or None,
             gemini_api_version=env.get("GEMINI_API_VERSION") or cls.gemini_api_version,
             allowed_origins=tuple(
-                o.strip().rstrip("/") for o in env.get("ALLOWED_ORIGINS", "").split(",") if o.strip()
+                o.strip().rstrip("/")
+                for o in env.get("ALLOWED_ORIGINS", "").split(",")
+                if o.strip()
             ),
             host=env.get("HOST") or cls.host,
             port=_int(env, "PORT", cls.port, minimum=0),

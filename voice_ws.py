@@ -94,7 +94,7 @@ class Outbox:
             parts.append(frame)  # type: ignore[arg-type]
             size += len(frame)
         self._bytes -= size - len(first)
-        return b"".join(parts)  # type: ignore[arg-type]
+        return b"".join(parts)
 
 
 class VoiceStream(WebSocketEndpoint):
@@ -167,15 +167,24 @@ class VoiceStream(WebSocketEndpoint):
             # Shielded: a session cancelled by shutdown must still be finalised.
             await asyncio.shield(
                 queries.finish_voice_session(
-                    pool, session_id=session_id, close_code=end.code, close_reason=end.reason,
-                    bytes_in=counters.bytes_in, bytes_out=counters.bytes_out,
+                    pool,
+                    session_id=session_id,
+                    close_code=end.code,
+                    close_reason=end.reason,
+                    bytes_in=counters.bytes_in,
+                    bytes_out=counters.bytes_out,
                     upstream_reconnects=reconnects,
                 )
             )
             log.info(
                 "voice session %s ended: %d %s; %.1f s, %d bytes in, %d bytes out, %d reconnects",
-                session_id, end.code, end.reason, time.monotonic() - started,
-                counters.bytes_in, counters.bytes_out, reconnects,
+                session_id,
+                end.code,
+                end.reason,
+                time.monotonic() - started,
+                counters.bytes_in,
+                counters.bytes_out,
+                reconnects,
             )
 
 
@@ -205,7 +214,9 @@ async def _read_client(
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            raise SessionEnd(message.get("code") or Close.GOING_AWAY, "Client closed", client_gone=True)
+            raise SessionEnd(
+                message.get("code") or Close.GOING_AWAY, "Client closed", client_gone=True
+            )
         data = message.get("bytes")
         if data is None:
             raise SessionEnd(Close.UNSUPPORTED_DATA, Reason.TEXT_FRAME)

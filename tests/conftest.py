@@ -28,11 +28,11 @@ from hypercorn.config import Config
 
 os.environ.setdefault("JWT_SECRET", "test-secret-" + "x" * 40)
 
-import db  # noqa: E402
-from auth import hash_password, issue_token  # noqa: E402
-from embedded_pg import EmbeddedPostgres  # noqa: E402
-from settings import Settings  # noqa: E402
-from simulator import LiveSimulator  # noqa: E402
+import db
+from auth import hash_password, issue_token
+from embedded_pg import EmbeddedPostgres
+from settings import Settings
+from simulator import LiveSimulator
 
 PASSWORD = "correct horse battery staple"
 _PASSWORD_HASH = hash_password(PASSWORD)  # hashed once: argon2 is slow on purpose
@@ -107,7 +107,10 @@ class World:
     async def user(self, name: str = "Sam Tester", data: dict[str, Any] | None = None) -> User:
         email = f"user-{uuid.uuid4().hex[:10]}@example.com"
         user_id = await db.queries.insert_user(
-            self.pool, email=email, password_hash=_PASSWORD_HASH, full_name=name,
+            self.pool,
+            email=email,
+            password_hash=_PASSWORD_HASH,
+            full_name=name,
             user_data=data or {},
         )
         return User(user_id, email, name, issue_token(self.settings, user_id))
@@ -120,8 +123,12 @@ class World:
         )
         step_ids = [
             await db.queries.insert_step(
-                self.pool, impact_id=impact_id, step_order=None, title=f"Step {n}",
-                description=f"Do thing {n}", icon="⭐",
+                self.pool,
+                impact_id=impact_id,
+                step_order=None,
+                title=f"Step {n}",
+                description=f"Do thing {n}",
+                icon="⭐",
             )
             for n in range(1, steps + 1)
         ]

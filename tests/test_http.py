@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import httpx
+from conftest import PASSWORD, Served, World
 from jose import jwt
 
-from conftest import PASSWORD, Served, World
 from embedded_pg import EmbeddedPostgres
 
 
@@ -62,7 +62,9 @@ async def test_malformed_login_bodies_get_4xx_never_500(http: httpx.AsyncClient)
         dict(json={"email": 5, "password": ["x"]}),
         dict(json={}),
         dict(content=b"email=a&password=b", headers={"Content-Type": "text/plain"}),
-        dict(content=b"password=only", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        dict(
+            content=b"password=only", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ),
         dict(content=b"x" * 1_000_000, headers={"Content-Type": "application/json"}),
         dict(content=b""),
     ]
@@ -78,15 +80,17 @@ def forge(claims: dict, key: str, algorithm: str = "HS256") -> str:
     return jwt.encode(claims, key, algorithm=algorithm)
 
 
-async def test_me_refuses_bad_tokens(http: httpx.AsyncClient, world: World, service: Served) -> None:
+async def test_me_refuses_bad_tokens(
+    http: httpx.AsyncClient, world: World, service: Served
+) -> None:
     user = await world.user()
     secret = service.settings.jwt_secret
     now = int(time.time())
     good = {"sub": str(user.id), "iat": now, "exp": now + 60}
     unsigned = (
-        jwt.encode(good, "", algorithm="HS256").rsplit(".", 1)[0].replace(
-            "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9", "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0"
-        )
+        jwt.encode(good, "", algorithm="HS256")
+        .rsplit(".", 1)[0]
+        .replace("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9", "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0")
         + "."
     )
     tokens = {
@@ -130,13 +134,15 @@ async def test_readiness_fails_when_the_database_is_unreachable(serve_app, tmp_r
     server = EmbeddedPostgres(tmp_root / "doomed", throwaway=True)
     dsn = server.start()
     try:
-        async with serve_app(database_url=dsn) as served:
-            async with httpx.AsyncClient(base_url=served.url) as client:
-                assert (await client.get("/readyz")).status_code == 200
-                server.stop()
-                response = await client.get("/readyz")
-                assert response.status_code == 503
-                assert response.json()["database"] == "unreachable"
-                assert (await client.get("/healthz")).status_code == 200
+        async with (
+            serve_app(database_url=dsn) as served,
+            httpx.AsyncClient(base_url=served.url) as client,
+        ):
+            assert (await client.get("/readyz")).status_code == 200
+            server.stop()
+            response = await client.get("/readyz")
+            assert response.status_code == 503
+            assert response.json()["database"] == "unreachable"
+            assert (await client.get("/healthz")).status_code == 200
     finally:
         server.stop()

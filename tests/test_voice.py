@@ -11,11 +11,11 @@ import time
 import uuid
 
 import pytest
+from conftest import Served, World
 from jose import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Served, World
 from simulator import LiveSimulator
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,9 +48,7 @@ async def recv_bytes(ws: ClientConnection, nbytes: int, timeout: float = 5) -> b
 
 def pcm(seconds: float, seed: int = 1, rate: int = 16000) -> bytes:
     """Deterministic, non-repeating s16le bytes (what matters here is byte-exactness, not sound)."""
-    return (
-        bytes((i * 7 + seed * 13 + (i >> 8)) % 256 for i in range(int(seconds * rate) * 2))
-    )
+    return bytes((i * 7 + seed * 13 + (i >> 8)) % 256 for i in range(int(seconds * rate) * 2))
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -109,7 +107,8 @@ async def test_step_whose_impact_belongs_to_someone_else(service: Served, world:
     step_id = await world.pool.fetchval(
         "INSERT INTO steps (user_id, impact_id, step_order, title) VALUES ($1, $2, 99, 'odd')"
         " RETURNING id",
-        user.id, strangers_plan.impact_id,
+        user.id,
+        strangers_plan.impact_id,
     )
     assert await close_of(stream_url(service, step_id, user.token)) == (1008, "Impact not found")
 
@@ -134,11 +133,13 @@ async def test_no_ai_key_closes_1011_after_authentication(serve_app, world: Worl
     plan = await world.plan(user)
     async with serve_app(gemini_api_key=None) as served:
         assert await close_of(stream_url(served, plan.step_ids[0], user.token)) == (
-            1011, "Server configuration error for AI client",
+            1011,
+            "Server configuration error for AI client",
         )
         # Authentication is decided first: a bad token still hears 1008.
         assert await close_of(stream_url(served, plan.step_ids[0], "bad")) == (
-            1008, "Not authenticated",
+            1008,
+            "Not authenticated",
         )
 
 
@@ -154,8 +155,16 @@ async def test_system_instruction_is_grounded_in_profile_plan_and_progress(
         session = await simulator.next_session()
     text = session.system_instruction
     for expected in [
-        "Ada Lovelace", "rowing", "36", "Row 10 km", "Build endurance by June",
-        "Step 2", "Do thing 2", "⭐", "Previous step: Step 1", "Next step: Step 3",
+        "Ada Lovelace",
+        "rowing",
+        "36",
+        "Row 10 km",
+        "Build endurance by June",
+        "Step 2",
+        "Do thing 2",
+        "⭐",
+        "Previous step: Step 1",
+        "Next step: Step 3",
         "step 2 of 3",
     ]:
         assert expected in text, expected
@@ -222,8 +231,10 @@ async def test_upstream_close_closes_the_client_within_a_second(
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == client_code
     assert closed.value.rcvd.reason
-    print(f"upstream {upstream_code} → client {client_code} in "
-          f"{1000 * (time.monotonic() - started):.1f} ms")
+    print(
+        f"upstream {upstream_code} → client {client_code} in "
+        f"{1000 * (time.monotonic() - started):.1f} ms"
+    )
 
 
 async def test_upstream_unreachable_closes_1014(serve_app, world: World) -> None:
@@ -234,7 +245,8 @@ async def test_upstream_unreachable_closes_1014(serve_app, world: World) -> None
         port = unused.getsockname()[1]
     async with serve_app(gemini_base_url=f"https://127.0.0.1:{port}") as served:
         assert await close_of(stream_url(served, plan.step_ids[0], user.token)) == (
-            1014, "AI service unavailable",
+            1014,
+            "AI service unavailable",
         )
 
 
@@ -353,7 +365,9 @@ async def test_a_client_that_stops_reading_neither_stalls_upstream_nor_grows_mem
     plan = await world.plan(user)
     bound = 1_000_000
     async with serve_app(max_pending_audio_bytes=bound) as served:
-        sock = await _non_reading_client(served, f"/voice/stream/{plan.step_ids[0]}?token={user.token}")
+        sock = await _non_reading_client(
+            served, f"/voice/stream/{plan.step_ids[0]}?token={user.token}"
+        )
         session = await simulator.next_session()
         # The model speaks 1.2 MB (25 s of audio) to a client that reads nothing.
         for _ in range(60):
@@ -374,9 +388,11 @@ async def test_a_client_that_stops_reading_neither_stalls_upstream_nor_grows_mem
         sock.close()
     row = await _wait_for_row(world, user.id)
     assert (row["close_code"], row["close_reason"]) == (1008, "Client not reading audio")
-    print(f"upstream ping answered in {round_trip * 1000:.1f} ms behind 1.2 MB the client did not "
-          f"read; session closed 1008 after the model sent {sent} bytes, {row['bytes_out']} of "
-          f"them into the client's socket buffers (outbox bound {bound} bytes)")
+    print(
+        f"upstream ping answered in {round_trip * 1000:.1f} ms behind 1.2 MB the client did not "
+        f"read; session closed 1008 after the model sent {sent} bytes, {row['bytes_out']} of "
+        f"them into the client's socket buffers (outbox bound {bound} bytes)"
+    )
 
 
 async def _non_reading_client(served: Served, path: str) -> socket.socket:
