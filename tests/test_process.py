@@ -1,0 +1,302 @@
+"""The service as operators run it: real processes, the embedded database, signals, the CLI, the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import PASSWORD, World
+
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "COACH_DEV"}}
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def service_process(tmp: Path, env: dict[str, str], name: str = "svc") -> Iterator[Process]:
+    """`hypercorn --config hypercorn.toml app:app`, exactly as `make run` and the image run it."""
+    port = free_port()
+    log = tmp / f"{name}.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(  # noqa: S603
+            [
+                str(BIN / "hypercorn"),
+                "--config",
+                "hypercorn.toml",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "app:app",
+            ],
+            cwd=PROJECT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    process = Process(popen, f"http://127.0.0.1:{port}", log)
+    try:
+        yield process
+    finally:
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                popen.wait(20)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+
+
+async def wait_ready(process: Process, timeout: float = 30) -> float:
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=process.url) as client, asyncio.timeout(timeout):
+        while True:
+            assert process.popen.poll() is None, process.output()
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get("/readyz")).status_code == 200:
+                    return time.monotonic() - started
+            await asyncio.sleep(0.05)  # polling readiness, with a deadline
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(dsn: str) -> AsyncIterator[str]:
+    name = f"coach_fresh_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def coach(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [str(BIN / "coach"), *args],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_two_instances_starting_at_once_apply_the_schema_exactly_once(
+    dsn: str, tmp_path: Path
+) -> None:
+    async with fresh_database(dsn) as database_url:
+        env = base_env(DATABASE_URL=database_url)
+        with service_process(tmp_path, env, "a") as a, service_process(tmp_path, env, "b") as b:
+            ready = await asyncio.gather(wait_ready(a), wait_ready(b))
+            conn = await asyncpg.connect(database_url)
+            try:
+                names = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")]
+            finally:
+                await conn.close()
+        print(f"both ready in {ready[0]:.2f} s and {ready[1]:.2f} s")
+    files = sorted(p.name for p in (PROJECT / "migrations").glob("*.sql"))
+    assert sorted(names) == files  # the primary key also forbids a second row per file
+
+
+async def test_missing_jwt_secret_stops_startup_with_one_line(tmp_path: Path) -> None:
+    env = base_env(DATABASE_URL="postgresql://unused@127.0.0.1:1/x")
+    env.pop("JWT_SECRET", None)
+    result = subprocess.run(  # noqa: S603
+        [str(BIN / "python"), "-c", "import app"],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "configuration error: JWT_SECRET is required (set COACH_DEV=1 for a generated one)"
+    ]
+
+
+async def test_cli_is_scriptable_and_errors_are_one_line(dsn: str, tmp_path: Path) -> None:
+    async with fresh_database(dsn) as database_url:
+        env = base_env(DATABASE_URL=database_url)
+        user = coach(
+            "user",
+            "add",
+            "cli@example.com",
+            "--name",
+            "Cli User",
+            "--password",
+            "pw1",
+            "--data",
+            '{"goal": "sleep more"}',
+            env=env,
+        )
+        assert user.returncode == 0, user.stderr
+        user_id = user.stdout.strip()
+        impact = coach("impact", "add", "--user", "cli@example.com", "--title", "Sleep", env=env)
+        impact_id = impact.stdout.strip()
+        first = coach("step", "add", "--impact", impact_id, "--title", "Dim lights", env=env)
+        second = coach("step", "add", "--impact", impact_id, "--title", "No screens", env=env)
+        token = coach("token", "cli@example.com", env=env)
+        ids = [user_id, impact_id, first.stdout.strip(), second.stdout.strip()]
+        for value in ids:
+            assert len(value) == 36 and value.count("-") == 4, value  # a UUID alone on stdout
+        conn = await asyncpg.connect(database_url)
+        try:
+            orders = [
+                r["step_order"]
+                for r in await conn.fetch(
+                    "SELECT step_order FROM steps WHERE impact_id = $1 ORDER BY step_order",
+                    __import__("uuid").UUID(impact_id),
+                )
+            ]
+        finally:
+            await conn.close()
+        assert orders == [1, 2]
+        assert token.returncode == 0 and token.stdout.count(".") == 2
+        failures = {
+            "duplicate email": coach(
+                "user", "add", "CLI@example.com", "--name", "X", "--password", "p", env=env
+            ),
+            "bad json": coach(
+                "user",
+                "add",
+                "new@example.com",
+                "--name",
+                "X",
+                "--password",
+                "p",
+                "--data",
+                "{nope",
+                env=env,
+            ),
+            "unknown user": coach(
+                "impact", "add", "--user", "ghost@example.com", "--title", "T", env=env
+            ),
+            "unknown impact": coach(
+                "step",
+                "add",
+                "--impact",
+                "00000000-0000-0000-0000-000000000000",
+                "--title",
+                "T",
+                env=env,
+            ),
+            "bad impact id": coach("step", "add", "--impact", "zzz", "--title", "T", env=env),
+            "taken order": coach(
+                "step", "add", "--impact", impact_id, "--title", "T", "--order", "1", env=env
+            ),
+            "no such command": coach("frobnicate", env=env),
+        }
+        for name, result in failures.items():
+            assert result.returncode != 0, name
+            assert result.stdout == "", name
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("coach: "), (name, result.stderr)
+        demo_twice = [coach("demo", env=env), coach("demo", env=env)]
+        assert [r.returncode for r in demo_twice] == [0, 0]
+        assert "created" in demo_twice[0].stdout and "already present" in demo_twice[1].stdout
+
+
+async def test_logs_never_carry_passwords_or_tokens(dsn: str, tmp_path: Path, world: World) -> None:
+    user = await world.user()
+    plan = await world.plan(user)
+    env = base_env(
+        DATABASE_URL=dsn,
+        GEMINI_API_KEY="secret-gemini-key-123",
+        GEMINI_BASE_URL="https://127.0.0.1:1",
+        LOG_LEVEL="DEBUG",
+    )
+    with service_process(tmp_path, env) as svc:
+        await wait_ready(svc)
+        async with httpx.AsyncClient(base_url=svc.url) as client:
+            ok = await client.post("/auth/login", json={"email": user.email, "password": PASSWORD})
+            token = ok.json()["access_token"]
+            await client.post("/auth/login", json={"email": user.email, "password": "wrong-pw-9"})
+            await client.get("/me", headers={"Authorization": f"Bearer {token}"})
+            await client.get(f"/me?token={token}")
+        ws_url = svc.url.replace("http", "ws") + f"/voice/stream/{plan.step_ids[0]}?token={token}"
+        async with connect(ws_url) as ws:
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(15):
+                    await ws.recv()
+        svc.popen.send_signal(signal.SIGTERM)
+        assert svc.popen.wait(20) == 0
+    output = svc.output()
+    assert "GET /voice/stream/" in output  # the access log is on, and was written
+    for secret in [token, PASSWORD, "wrong-pw-9", env["JWT_SECRET"], "secret-gemini-key-123"]:
+        assert secret not in output
+    assert token.split(".")[2] not in output  # not even the signature alone
+
+
+async def test_embedded_database_survives_kill_9(tmp_path: Path, tmp_root: Path) -> None:
+    data_dir = tmp_root / f"kill9-{secrets.token_hex(4)}"  # reachable by the server's own user
+    env = base_env(DATA_DIR=str(data_dir), COACH_DEV="1")
+    with service_process(tmp_path, env, "first") as first:
+        cold = await wait_ready(first)
+        added = coach(
+            "user", "add", "kept@example.com", "--name", "Kept", "--password", "pw", env=env
+        )
+        assert added.returncode == 0, added.stderr
+        first.popen.kill()
+        first.popen.wait()
+    with service_process(tmp_path, env, "second") as second:
+        warm = await wait_ready(second)
+        token = coach("token", "kept@example.com", env=env)
+        assert token.returncode == 0, token.stderr
+        async with httpx.AsyncClient(base_url=second.url) as client:
+            me = await client.get(
+                "/me", headers={"Authorization": f"Bearer {token.stdout.strip()}"}
+            )
+        assert me.json()["email"] == "kept@example.com"
+        second.popen.send_signal(signal.SIGTERM)
+        assert second.popen.wait(20) == 0
+    assert not _postgres_running_on(data_dir)
+    print(f"embedded: first start ready in {cold:.2f} s, after kill -9 ready in {warm:.2f} s")
+
+
+def _postgres_running_on(data_dir: Path) -> bool:
+    result = subprocess.run(
+        ["pgrep", "-f", f"postgres -D {data_dir}"],
+        capture_output=True,  # noqa: S603, S607
+        check=False,
+    )
+    return result.returncode == 0
