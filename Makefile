@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	COACH_DEV=1 HOST=$(HOST) PORT=$(PORT) exec $(BIN)/hypercorn --config hypercorn.toml \
-		--bind $(HOST):$(PORT) app:app
+	COACH_DEV=1 HOST=$(HOST) PORT=$(PORT) exec $(BIN)/python -m serve
 
 # The service wired to the local Live simulator (echo mode): hear yourself back, no Gemini key needed.
 demo: install
@@ -31,7 +30,7 @@ demo: install
 	for i in $$(seq 100); do [ -s .data/simulator-ca.pem ] && break; sleep 0.1; done; \
 	COACH_DEV=1 HOST=$(HOST) PORT=$(PORT) GEMINI_API_KEY=simulator \
 	GEMINI_BASE_URL=https://127.0.0.1:$(SIM_PORT) SSL_CERT_FILE=.data/simulator-ca.pem \
-	$(BIN)/hypercorn --config hypercorn.toml --bind $(HOST):$(PORT) app:app
+	$(BIN)/python -m serve
 
 test: install
 	$(BIN)/pytest

@@ -1,7 +1,7 @@
 """The application: `create_app()`, its lifespan (database, migrations, AI client), routes and static page.
 
-Serve it with `hypercorn --config hypercorn.toml app:app`. Settings are read once, when the app is
-created; a missing or malformed one stops start-up with a single line naming the variable.
+`python -m serve` runs it (Hypercorn with `hypercorn.toml`, draining on SIGTERM). Settings are read
+once, when the app is created; a missing or malformed one stops start-up with one line naming it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ import db
 import gemini
 from demo import DEMO_EMAIL, DEMO_PASSWORD, ensure_demo
 from errors import APIError
+from lifecycle import Lifecycle
 from logs import configure_logging
+from metrics import Metrics
 from settings import PROJECT_DIR, Settings, SettingsError
+from tickets import create_ticket
 from voice_ws import VoiceStream
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,9 @@ STATIC_DIR = PROJECT_DIR / "static"
 def create_app(settings: Settings | None = None) -> Starlette:
     if settings is None:
         settings = _settings_or_exit()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    lifecycle = Lifecycle(settings.drain_seconds)
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -54,17 +59,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     "settings": settings,
                     "pool": pool,
                     "coach_ai": gemini.connector_from_settings(settings),
+                    "lifecycle": lifecycle,
+                    "metrics": metrics,
                 }
             finally:
                 await pool.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics.endpoint),
             Route("/auth/login", auth.login, methods=["POST"]),
             Route("/me", me),
             Route("/impacts", impacts),
+            Route("/voice/ticket/{step_id}", create_ticket, methods=["POST"]),
             WebSocketRoute("/voice/stream/{step_id}", VoiceStream),
             Route("/", test_page),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -81,6 +90,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={APIError: _api_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
+    app.state.lifecycle = lifecycle  # for the entry point, which drains it on SIGTERM
+    return app
 
 
 async def test_page(request: Request) -> Response:
@@ -92,6 +103,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    if request.state.lifecycle.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     try:
         await request.state.pool.fetchval("SELECT 1", timeout=READINESS_TIMEOUT)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):

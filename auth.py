@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from db import queries
 from errors import APIError
+from limits import check_login_rate, client_address
 from settings import Settings
 
 ALGORITHM = "HS256"
@@ -99,6 +100,10 @@ async def require_user(request: Request) -> Any:
 
 async def login(request: Request) -> JSONResponse:
     email, password = _credentials(await _read_body(request), request.headers.get("content-type"))
+    settings: Settings = request.state.settings
+    await check_login_rate(
+        request.state.pool, settings, email, client_address(request.scope, settings)
+    )
     row = await queries.get_user_for_login(request.state.pool, email=email)
     # argon2 is CPU-bound by design: keep it off the event loop that relays audio.
     ok = await anyio.to_thread.run_sync(
@@ -106,7 +111,6 @@ async def login(request: Request) -> JSONResponse:
     )
     if row is None or not ok:
         raise APIError(401, INVALID_CREDENTIALS)
-    settings: Settings = request.state.settings
     return JSONResponse(
         {
             "access_token": issue_token(settings, row["id"]),

@@ -74,9 +74,20 @@ LEFT JOIN LATERAL (
 ) next ON true
 WHERE u.id = :user_id;
 
--- name: open_voice_session(user_id, step_id, instance)$
+-- name: lock_user_sessions(user_id)$
+-- Serialises session admission per user across every instance, until the transaction ends.
+SELECT pg_advisory_xact_lock(hashtextextended(CAST(CAST(:user_id AS uuid) AS text), 0));
+
+-- name: open_voice_session(user_id, step_id, instance, max_sessions, max_session_seconds)$
+-- Opens the session row unless the user already has `max_sessions` live ones. Rows left open by an
+-- instance that died count only until they are older than the longest possible session.
 INSERT INTO voice_sessions (user_id, step_id, instance)
-VALUES (:user_id, :step_id, :instance)
+SELECT :user_id, :step_id, :instance
+WHERE (
+    SELECT count(*) FROM voice_sessions
+    WHERE user_id = :user_id AND ended_at IS NULL
+      AND started_at > now() - make_interval(secs => :max_session_seconds + 60)
+) < :max_sessions
 RETURNING id;
 
 -- name: finish_voice_session(session_id, close_code, close_reason, bytes_in, bytes_out, upstream_reconnects)!
@@ -84,3 +95,24 @@ UPDATE voice_sessions
 SET ended_at = now(), close_code = :close_code, close_reason = :close_reason,
     bytes_in = :bytes_in, bytes_out = :bytes_out, upstream_reconnects = :upstream_reconnects
 WHERE id = :session_id AND ended_at IS NULL;
+
+-- name: count_login_attempt(key, window_seconds)^
+-- Counts one attempt in the key's current fixed window; returns the count and the window's end.
+INSERT INTO login_attempts AS a (key, window_start)
+VALUES (:key, to_timestamp(floor(extract(epoch FROM now()) / :window_seconds) * :window_seconds))
+ON CONFLICT (key, window_start) DO UPDATE SET attempts = a.attempts + 1
+RETURNING attempts, extract(epoch FROM a.window_start + make_interval(secs => :window_seconds) - now())
+          AS seconds_left;
+
+-- name: forget_old_login_attempts()!
+DELETE FROM login_attempts WHERE window_start < now() - interval '1 day';
+
+-- name: spend_ticket(nonce, expires_in)$
+-- The nonce is recorded once; a second spend finds it and returns nothing.
+INSERT INTO spent_tickets (nonce, expires_at)
+VALUES (:nonce, now() + make_interval(secs => :expires_in))
+ON CONFLICT (nonce) DO NOTHING
+RETURNING nonce;
+
+-- name: forget_expired_tickets()!
+DELETE FROM spent_tickets WHERE expires_at < now();

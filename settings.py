@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -38,7 +39,16 @@ class Settings:
     max_frame_bytes: int = 65536
     # Model audio waiting for a slow browser, in bytes (about 10 s of 24 kHz speech by default).
     max_pending_audio_bytes: int = 480_000
+    max_sessions_per_user: int = 3
+    max_session_seconds: int = 1800
+    idle_seconds: int = 60
+    drain_seconds: int = 20
+    login_window_seconds: int = 300
+    login_attempts_per_email: int = 10
+    login_attempts_per_address: int = 50
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @classmethod
     def from_env(
@@ -76,7 +86,20 @@ class Settings:
             max_pending_audio_bytes=_int(
                 env, "MAX_PENDING_AUDIO_BYTES", cls.max_pending_audio_bytes, minimum=4800
             ),
+            max_sessions_per_user=_int(env, "MAX_SESSIONS_PER_USER", cls.max_sessions_per_user, minimum=1),
+            max_session_seconds=_int(env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1),
+            idle_seconds=_int(env, "IDLE_SECONDS", cls.idle_seconds, minimum=1),
+            drain_seconds=_int(env, "DRAIN_SECONDS", cls.drain_seconds, minimum=0),
+            login_window_seconds=_int(env, "LOGIN_WINDOW_SECONDS", cls.login_window_seconds, minimum=1),
+            login_attempts_per_email=_int(
+                env, "LOGIN_ATTEMPTS_PER_EMAIL", cls.login_attempts_per_email, minimum=1
+            ),
+            login_attempts_per_address=_int(
+                env, "LOGIN_ATTEMPTS_PER_ADDRESS", cls.login_attempts_per_address, minimum=1
+            ),
+            trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
             log_level=(env.get("LOG_LEVEL") or cls.log_level).upper(),
+            log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
         )
 
 
@@ -103,6 +126,24 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    try:
+        return tuple(
+            ip_network(part.strip(), strict=False)
+            for part in env.get(name, "").split(",")
+            if part.strip()
+        )
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or choices[0]).strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}")
     return value
 
 

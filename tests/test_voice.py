@@ -282,14 +282,20 @@ async def _wait_for_row(world: World, user_id: uuid.UUID) -> dict:
 
 
 async def test_many_sessions_leave_no_task_connection_or_upstream_behind(
+    serve_app, world: World, simulator: LiveSimulator
+) -> None:
+    async with serve_app(max_sessions_per_user=100) as service:  # reconnects come faster than teardown
+        await _open_and_drop_200_sessions(service, world, simulator)
+
+
+async def _open_and_drop_200_sessions(
     service: Served, world: World, simulator: LiveSimulator
 ) -> None:
-    user = await world.user()
-    plan = await world.plan(user)
-    url = stream_url(service, plan.step_ids[0], user.token)
+    users = [await world.user() for _ in range(20)]
+    urls = [stream_url(service, (await world.plan(u)).step_ids[0], u.token) for u in users]
     baseline_tasks = len(asyncio.all_tasks())
 
-    async def one(n: int) -> None:
+    async def one(url: str, n: int) -> None:
         ws = await connect(url)
         await ws.send(b"\x00\x00" * 320)
         if n % 2:
@@ -297,16 +303,16 @@ async def test_many_sessions_leave_no_task_connection_or_upstream_behind(
         else:
             ws.transport.abort()  # abrupt: no close frame, just a dropped TCP connection
 
-    for batch in range(10):
-        await asyncio.gather(*(one(batch * 20 + n) for n in range(20)))
+    for batch in range(10):  # 20 concurrent callers, 10 times: 200 sessions
+        await asyncio.gather(*(one(url, batch + n) for n, url in enumerate(urls)))
     async with asyncio.timeout(10):
         while simulator.open_sessions or len(asyncio.all_tasks()) > baseline_tasks:
             await asyncio.sleep(0.05)  # waiting for teardown to finish, with a deadline
-    open_rows = await world.pool.fetchval(
-        "SELECT count(*) FROM voice_sessions WHERE user_id = $1 AND ended_at IS NULL", user.id
-    )
-    finished = await world.pool.fetchval(
-        "SELECT count(*) FROM voice_sessions WHERE user_id = $1", user.id
+    ids = [u.id for u in users]
+    open_rows, finished = await world.pool.fetchrow(
+        "SELECT count(*) FILTER (WHERE ended_at IS NULL), count(*) FROM voice_sessions"
+        " WHERE user_id = ANY($1)",
+        ids,
     )
     busy = await world.pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'coach' AND state <> 'idle'"
