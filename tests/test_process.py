@@ -23,10 +23,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import PASSWORD, World
+from simulator import LiveSimulator
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.timeout(120)
+SERVE_COMMAND = ["-m", "serve"]  # after the interpreter; the container's CMD is the same
 
 
 def free_port() -> int:
@@ -53,21 +55,14 @@ def base_env(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def service_process(tmp: Path, env: dict[str, str], name: str = "svc") -> Iterator[Process]:
-    """`hypercorn --config hypercorn.toml app:app`, exactly as `make run` and the image run it."""
+    """`python -m serve` (Hypercorn with hypercorn.toml), as `make run` and the image run it."""
     port = free_port()
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(  # noqa: S603
-            [
-                str(BIN / "hypercorn"),
-                "--config",
-                "hypercorn.toml",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "app:app",
-            ],
+            [str(BIN / "python"), *SERVE_COMMAND],
             cwd=PROJECT,
-            env=env,
+            env={**env, "HOST": "127.0.0.1", "PORT": str(port)},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -253,16 +248,21 @@ async def test_logs_never_carry_passwords_or_tokens(dsn: str, tmp_path: Path, wo
             await client.post("/auth/login", json={"email": user.email, "password": "wrong-pw-9"})
             await client.get("/me", headers={"Authorization": f"Bearer {token}"})
             await client.get(f"/me?token={token}")
-        ws_url = svc.url.replace("http", "ws") + f"/voice/stream/{plan.step_ids[0]}?token={token}"
-        async with connect(ws_url) as ws:
-            with pytest.raises(ConnectionClosed):
-                async with asyncio.timeout(15):
-                    await ws.recv()
+            issued = await client.post(
+                f"/voice/ticket/{plan.step_ids[0]}", headers={"Authorization": f"Bearer {token}"}
+            )
+            ticket = issued.json()["ticket"]
+        ws_base = svc.url.replace("http", "ws") + f"/voice/stream/{plan.step_ids[0]}"
+        for query in [f"token={token}", f"ticket={ticket}", f"ticket={ticket}"]:  # spent, refused
+            async with connect(f"{ws_base}?{query}") as ws:
+                with pytest.raises(ConnectionClosed):
+                    async with asyncio.timeout(15):
+                        await ws.recv()
         svc.popen.send_signal(signal.SIGTERM)
         assert svc.popen.wait(20) == 0
     output = svc.output()
     assert "GET /voice/stream/" in output  # the access log is on, and was written
-    for secret in [token, PASSWORD, "wrong-pw-9", env["JWT_SECRET"], "secret-gemini-key-123"]:
+    for secret in [token, ticket, PASSWORD, "wrong-pw-9", env["JWT_SECRET"], "secret-gemini-key-123"]:
         assert secret not in output
     assert token.split(".")[2] not in output  # not even the signature alone
 
@@ -300,3 +300,52 @@ def _postgres_running_on(data_dir: Path) -> bool:
         check=False,
     )
     return result.returncode == 0
+
+
+async def test_sigterm_drains_then_exits_zero(
+    dsn: str, tmp_path: Path, world: World, simulator: LiveSimulator
+) -> None:
+    user = await world.user()
+    plan = await world.plan(user)
+    env = base_env(DATABASE_URL=dsn, GEMINI_API_KEY="k", GEMINI_BASE_URL=simulator.url,
+                   SSL_CERT_FILE=simulator.ca_file, DRAIN_SECONDS="2")
+    with service_process(tmp_path, env) as svc:
+        await wait_ready(svc)
+        ws_base = svc.url.replace("http", "ws") + "/voice/stream/"
+        async with connect(f"{ws_base}{plan.step_ids[0]}?token={user.token}") as live, \
+                httpx.AsyncClient(base_url=svc.url) as http:
+            upstream = await simulator.next_session()
+            await live.send(b"\x01\x00" * 100)
+            await upstream.wait_audio(200)
+            signalled = time.monotonic()
+            svc.popen.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(2):
+                while (await http.get("/readyz")).status_code != 503:
+                    await asyncio.sleep(0.01)  # polling readiness, with a deadline
+            not_ready_after = time.monotonic() - signalled
+            # New sockets are refused while draining; the live one keeps relaying meanwhile.
+            async with connect(f"{ws_base}{plan.step_ids[1]}?token={user.token}") as late:
+                with pytest.raises(ConnectionClosed) as refused:
+                    async with asyncio.timeout(2):
+                        await late.recv()
+            assert refused.value.rcvd is not None
+            assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (1012, "Server restarting")
+            await upstream.send_audio(b"\x02\x00" * 100)
+            assert await live.recv() == b"\x02\x00" * 100
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    await live.recv()
+            closed_after = time.monotonic() - signalled
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "Server restarting")
+        assert svc.popen.wait(15) == 0
+        exited_after = time.monotonic() - signalled
+    row = await world.pool.fetchrow(
+        "SELECT close_code, close_reason, ended_at FROM voice_sessions WHERE user_id = $1"
+        " AND step_id = $2", user.id, plan.step_ids[0],
+    )
+    assert (row["close_code"], row["close_reason"]) == (1012, "Server restarting")
+    assert row["ended_at"] is not None
+    assert 1.8 < closed_after < 4
+    print(f"drain: /readyz 503 after {not_ready_after * 1000:.0f} ms, live session closed 1012 "
+          f"after {closed_after:.2f} s (DRAIN_SECONDS=2), exit 0 after {exited_after:.2f} s")
