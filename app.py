@@ -32,6 +32,7 @@ from logs import configure_logging
 from metrics import Metrics
 from settings import PROJECT_DIR, Settings, SettingsError
 from tickets import create_ticket
+from transcripts import list_conversations
 from voice_ws import VoiceStream
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/auth/login", auth.login, methods=["POST"]),
             Route("/me", me),
             Route("/impacts", impacts),
+            Route("/steps/{step_id}/conversations", list_conversations),
             Route("/voice/ticket/{step_id}", create_ticket, methods=["POST"]),
             WebSocketRoute("/voice/stream/{step_id}", VoiceStream),
             Route("/", test_page),

@@ -254,7 +254,7 @@ def connector_from_settings(settings: Settings) -> LiveConnector | None:
         async_client_args=dict(WEBSOCKET_OPTIONS),
     )
     client = genai.Client(api_key=settings.gemini_api_key, http_options=http_options)
-    return LiveConnector(client, settings.gemini_model)
+    return LiveConnector(client, settings.gemini_model, transcripts=settings.transcripts)
 
 
 def _content_events(content: Any) -> list[Event]:

@@ -42,7 +42,9 @@ class Lifecycle:
         """Refuse new sessions, let live ones finish within `drain_seconds`, then stop the rest."""
         self.draining = True
         started = time.monotonic()
-        log.info("draining: %d live voice sessions, up to %.0f s", self._sessions, self.drain_seconds)
+        log.info(
+            "draining: %d live voice sessions, up to %.0f s", self._sessions, self.drain_seconds
+        )
         try:
             async with asyncio.timeout(self.drain_seconds):
                 await self._none_left.wait()

@@ -63,5 +63,7 @@ async def check_login_rate(
         await queries.forget_old_login_attempts(pool)
     if retry_after:
         raise APIError(
-            429, "Too many login attempts; try again later", {"Retry-After": str(max(1, retry_after))}
+            429,
+            "Too many login attempts; try again later",
+            {"Retry-After": str(max(1, retry_after))},
         )

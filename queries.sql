@@ -116,3 +116,28 @@ RETURNING nonce;
 
 -- name: forget_expired_tickets()!
 DELETE FROM spent_tickets WHERE expires_at < now();
+
+-- name: insert_transcript_lines(session_id, seq, role, text, spoken_at)*!
+INSERT INTO transcripts (session_id, seq, role, text, spoken_at)
+VALUES (:session_id, :seq, :role, :text, :spoken_at);
+
+-- name: step_belongs_to(step_id, user_id)$
+SELECT EXISTS (
+    SELECT 1 FROM steps s JOIN impacts i ON i.id = s.impact_id AND i.user_id = s.user_id
+    WHERE s.id = :step_id AND s.user_id = :user_id
+);
+
+-- name: list_conversations(user_id, step_id, before, page_size)
+-- The caller's sessions on a step, newest first, each with its transcript in order.
+SELECT v.id, v.started_at, v.ended_at, v.close_code, v.close_reason,
+       coalesce(
+           (SELECT jsonb_agg(jsonb_build_object('role', t.role, 'text', t.text, 'at', t.spoken_at)
+                             ORDER BY t.seq)
+            FROM transcripts t WHERE t.session_id = v.id),
+           '[]'::jsonb
+       ) AS transcript
+FROM voice_sessions v
+WHERE v.user_id = :user_id AND v.step_id = :step_id
+  AND (CAST(:before AS timestamptz) IS NULL OR v.started_at < CAST(:before AS timestamptz))
+ORDER BY v.started_at DESC, v.id DESC
+LIMIT :page_size;

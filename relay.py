@@ -78,9 +78,10 @@ class Outbox:
 
     def drop_audio(self) -> None:
         """Barge-in: audio not yet sent is stale; events stay, in order."""
-        kept = deque(f for f in self._frames if isinstance(f, str))
-        self._bytes = sum(len(f) for f in kept)
-        self._frames = kept
+        events = [f for f in self._frames if isinstance(f, str)]
+        self._frames.clear()  # in place: a waiting get() holds this deque
+        self._frames.extend(events)
+        self._bytes = sum(len(f) for f in events)
 
     async def get(self) -> bytes | str:
         frames = self._frames

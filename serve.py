@@ -26,6 +26,7 @@ log = logging.getLogger("serve")
 def hypercorn_config(settings: Settings) -> Config:
     config = Config.from_toml(PROJECT_DIR / "hypercorn.toml")
     config.bind = [f"{settings.host}:{settings.port}"]
+    config.workers = 1  # one process per instance; scale with instances, not workers
     return config
 
 
@@ -54,8 +55,8 @@ def main() -> None:
     app = create_app(settings)
     lifecycle: Lifecycle = app.state.lifecycle
     asyncio.run(
-        serve(  # type: ignore[arg-type]
-            app,
+        serve(
+            app,  # type: ignore[arg-type]
             hypercorn_config(settings),
             shutdown_trigger=lambda: wait_for_stop_signal_then_drain(lifecycle),
         )

@@ -47,6 +47,7 @@ class Settings:
     login_attempts_per_email: int = 10
     login_attempts_per_address: int = 50
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    transcripts: bool = True
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -86,11 +87,17 @@ class Settings:
             max_pending_audio_bytes=_int(
                 env, "MAX_PENDING_AUDIO_BYTES", cls.max_pending_audio_bytes, minimum=4800
             ),
-            max_sessions_per_user=_int(env, "MAX_SESSIONS_PER_USER", cls.max_sessions_per_user, minimum=1),
-            max_session_seconds=_int(env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1),
+            max_sessions_per_user=_int(
+                env, "MAX_SESSIONS_PER_USER", cls.max_sessions_per_user, minimum=1
+            ),
+            max_session_seconds=_int(
+                env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1
+            ),
             idle_seconds=_int(env, "IDLE_SECONDS", cls.idle_seconds, minimum=1),
             drain_seconds=_int(env, "DRAIN_SECONDS", cls.drain_seconds, minimum=0),
-            login_window_seconds=_int(env, "LOGIN_WINDOW_SECONDS", cls.login_window_seconds, minimum=1),
+            login_window_seconds=_int(
+                env, "LOGIN_WINDOW_SECONDS", cls.login_window_seconds, minimum=1
+            ),
             login_attempts_per_email=_int(
                 env, "LOGIN_ATTEMPTS_PER_EMAIL", cls.login_attempts_per_email, minimum=1
             ),
@@ -98,6 +105,7 @@ class Settings:
                 env, "LOGIN_ATTEMPTS_PER_ADDRESS", cls.login_attempts_per_address, minimum=1
             ),
             trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
+            transcripts=_flag(env, "TRANSCRIPTS") if "TRANSCRIPTS" in env else True,
             log_level=(env.get("LOG_LEVEL") or cls.log_level).upper(),
             log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
         )

@@ -39,7 +39,12 @@ def issue_ticket(settings: Settings, user_id: uuid.UUID, step_id: uuid.UUID) -> 
 
 
 async def spend_ticket(
-    pool: asyncpg.Pool, settings: Settings, ticket: str, step_id: str, *, max_age: int = TICKET_SECONDS
+    pool: asyncpg.Pool,
+    settings: Settings,
+    ticket: str,
+    step_id: str,
+    *,
+    max_age: int = TICKET_SECONDS,
 ) -> uuid.UUID:
     """The user id of a valid, unspent ticket for this step; spends it. `InvalidTicket` otherwise."""
     try:
@@ -65,7 +70,9 @@ async def create_ticket(request: Request) -> JSONResponse:
         raise APIError(404, "Step not found")
     await queries.forget_expired_tickets(request.state.pool)
     return JSONResponse(
-        {"ticket": issue_ticket(request.state.settings, user["id"], step_id),
-         "expires_in": TICKET_SECONDS},
+        {
+            "ticket": issue_ticket(request.state.settings, user["id"], step_id),
+            "expires_in": TICKET_SECONDS,
+        },
         headers={"Cache-Control": "no-store"},
     )

@@ -32,6 +32,7 @@ from metrics import Metrics
 from relay import Counters, Limits, SessionEnd, relay
 from settings import Settings
 from tickets import InvalidTicket, spend_ticket
+from transcripts import TranscriptLog
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,20 @@ async def _run_session(
         if events:
             await websocket.send_json({"type": "session", "id": str(session_id)})
         instruction = system_instruction(context_from_row(row))
-        async with connector.session(instruction) as upstream:
+        async with (
+            TranscriptLog(state.pool, session_id) as transcript,
+            connector.session(instruction) as upstream,
+        ):
             metrics.upstream_connect_seconds.observe(upstream.connect_seconds[0])
             end = await relay(
-                receive, send, upstream, limits, counters, lifecycle.stopping, events=events
+                receive,
+                send,
+                upstream,
+                limits,
+                counters,
+                lifecycle.stopping,
+                events=events,
+                on_event=transcript.observe,
             )
     except UpstreamError as exc:
         end = SessionEnd(exc.code, exc.reason)
