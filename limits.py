@@ -59,7 +59,7 @@ async def check_login_rate(
         row = await queries.count_login_attempt(pool, key=key, window_seconds=window)
         if row["attempts"] > limit:
             retry_after = max(retry_after, math.ceil(row["seconds_left"]))
-    if random.random() < 0.01:  # noqa: S311 - housekeeping now and then, not security
+    if random.random() < 0.01:
         await queries.forget_old_login_attempts(pool)
     if retry_after:
         raise APIError(

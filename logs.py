@@ -45,7 +45,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class RedactingFormatter(logging.Formatter):
-    def formatException(self, ei: Any) -> str:  # noqa: N802 - the stdlib's name
+    def formatException(self, ei: Any) -> str:
         return redact(super().formatException(ei))
 
 

@@ -7,13 +7,13 @@ import json
 
 import httpx
 import pytest
+from conftest import Served, World
+from test_voice import _wait_for_row, recv_bytes, stream_url
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Served, World
 from relay import Outbox
 from simulator import LiveSimulator
-from test_voice import _wait_for_row, recv_bytes, stream_url
 
 EVENTS = "coach.events.v1"
 pytestmark = pytest.mark.timeout(60)
@@ -57,7 +57,10 @@ async def test_events_arrive_in_order_with_the_audio(
         await upstream.send_transcript("user", "How do I start?")
         await upstream.send_audio(b"\x01\x00" * 100)
         assert await next_frame(ws) == {
-            "type": "transcript", "role": "user", "text": "How do I start?", "final": False,
+            "type": "transcript",
+            "role": "user",
+            "text": "How do I start?",
+            "final": False,
         }
         assert await next_frame(ws) == b"\x01\x00" * 100
         await upstream.send_interrupted()
@@ -104,8 +107,11 @@ async def transcript_session(
 ) -> None:
     ws = await connect(stream_url(service, step_id, user.token))
     upstream = await simulator.next_session()
-    for role, pieces in [("user", ["How ", "do I ", "start?"]), ("coach", ["Put on ", "your shoes."]),
-                         ("user", ["Then?"])]:
+    for role, pieces in [
+        ("user", ["How ", "do I ", "start?"]),
+        ("coach", ["Put on ", "your shoes."]),
+        ("user", ["Then?"]),
+    ]:
         for piece in pieces:
             await upstream.send_transcript(role, piece)
         if role == "coach":
@@ -127,12 +133,16 @@ async def test_transcripts_are_stored_in_order_and_read_back_by_their_owner_only
     await transcript_session(service, user, step, simulator, abrupt=False)
     await transcript_session(service, user, step, simulator, abrupt=True)
     expected = [
-        ("user", "How do I start?"), ("coach", "Put on your shoes."), ("user", "Then?"),
+        ("user", "How do I start?"),
+        ("coach", "Put on your shoes."),
+        ("user", "Then?"),
     ]
     async with httpx.AsyncClient(base_url=service.url) as http:
+
         async def conversations(token: str, **params: str) -> httpx.Response:
             return await http.get(
-                f"/steps/{step}/conversations", params=params,
+                f"/steps/{step}/conversations",
+                params=params,
                 headers={"Authorization": f"Bearer {token}"},
             )
 

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
+from conftest import PASSWORD, World
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import PASSWORD, World
 from simulator import LiveSimulator
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def service_process(tmp: Path, env: dict[str, str], name: str = "svc") -> Iterat
     port = free_port()
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
-        popen = subprocess.Popen(  # noqa: S603
+        popen = subprocess.Popen(
             [str(BIN / "python"), *SERVE_COMMAND],
             cwd=PROJECT,
             env={**env, "HOST": "127.0.0.1", "PORT": str(port)},
@@ -103,7 +103,7 @@ async def fresh_database(dsn: str) -> AsyncIterator[str]:
 
 
 def coach(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [str(BIN / "coach"), *args],
         cwd=PROJECT,
         env=env,
@@ -134,7 +134,7 @@ async def test_two_instances_starting_at_once_apply_the_schema_exactly_once(
 async def test_missing_jwt_secret_stops_startup_with_one_line(tmp_path: Path) -> None:
     env = base_env(DATABASE_URL="postgresql://unused@127.0.0.1:1/x")
     env.pop("JWT_SECRET", None)
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         [str(BIN / "python"), "-c", "import app"],
         cwd=PROJECT,
         env=env,
@@ -262,7 +262,14 @@ async def test_logs_never_carry_passwords_or_tokens(dsn: str, tmp_path: Path, wo
         assert svc.popen.wait(20) == 0
     output = svc.output()
     assert "GET /voice/stream/" in output  # the access log is on, and was written
-    for secret in [token, ticket, PASSWORD, "wrong-pw-9", env["JWT_SECRET"], "secret-gemini-key-123"]:
+    for secret in [
+        token,
+        ticket,
+        PASSWORD,
+        "wrong-pw-9",
+        env["JWT_SECRET"],
+        "secret-gemini-key-123",
+    ]:
         assert secret not in output
     assert token.split(".")[2] not in output  # not even the signature alone
 
@@ -296,7 +303,7 @@ async def test_embedded_database_survives_kill_9(tmp_path: Path, tmp_root: Path)
 def _postgres_running_on(data_dir: Path) -> bool:
     result = subprocess.run(
         ["pgrep", "-f", f"postgres -D {data_dir}"],
-        capture_output=True,  # noqa: S603, S607
+        capture_output=True,
         check=False,
     )
     return result.returncode == 0
@@ -307,13 +314,20 @@ async def test_sigterm_drains_then_exits_zero(
 ) -> None:
     user = await world.user()
     plan = await world.plan(user)
-    env = base_env(DATABASE_URL=dsn, GEMINI_API_KEY="k", GEMINI_BASE_URL=simulator.url,
-                   SSL_CERT_FILE=simulator.ca_file, DRAIN_SECONDS="2")
+    env = base_env(
+        DATABASE_URL=dsn,
+        GEMINI_API_KEY="k",
+        GEMINI_BASE_URL=simulator.url,
+        SSL_CERT_FILE=simulator.ca_file,
+        DRAIN_SECONDS="2",
+    )
     with service_process(tmp_path, env) as svc:
         await wait_ready(svc)
         ws_base = svc.url.replace("http", "ws") + "/voice/stream/"
-        async with connect(f"{ws_base}{plan.step_ids[0]}?token={user.token}") as live, \
-                httpx.AsyncClient(base_url=svc.url) as http:
+        async with (
+            connect(f"{ws_base}{plan.step_ids[0]}?token={user.token}") as live,
+            httpx.AsyncClient(base_url=svc.url) as http,
+        ):
             upstream = await simulator.next_session()
             await live.send(b"\x01\x00" * 100)
             await upstream.wait_audio(200)
@@ -329,7 +343,10 @@ async def test_sigterm_drains_then_exits_zero(
                     async with asyncio.timeout(2):
                         await late.recv()
             assert refused.value.rcvd is not None
-            assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (1012, "Server restarting")
+            assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (
+                1012,
+                "Server restarting",
+            )
             await upstream.send_audio(b"\x02\x00" * 100)
             assert await live.recv() == b"\x02\x00" * 100
             with pytest.raises(ConnectionClosed) as closed:
@@ -342,10 +359,14 @@ async def test_sigterm_drains_then_exits_zero(
         exited_after = time.monotonic() - signalled
     row = await world.pool.fetchrow(
         "SELECT close_code, close_reason, ended_at FROM voice_sessions WHERE user_id = $1"
-        " AND step_id = $2", user.id, plan.step_ids[0],
+        " AND step_id = $2",
+        user.id,
+        plan.step_ids[0],
     )
     assert (row["close_code"], row["close_reason"]) == (1012, "Server restarting")
     assert row["ended_at"] is not None
     assert 1.8 < closed_after < 4
-    print(f"drain: /readyz 503 after {not_ready_after * 1000:.0f} ms, live session closed 1012 "
-          f"after {closed_after:.2f} s (DRAIN_SECONDS=2), exit 0 after {exited_after:.2f} s")
+    print(
+        f"drain: /readyz 503 after {not_ready_after * 1000:.0f} ms, live session closed 1012 "
+        f"after {closed_after:.2f} s (DRAIN_SECONDS=2), exit 0 after {exited_after:.2f} s"
+    )

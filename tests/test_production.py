@@ -7,14 +7,14 @@ import time
 
 import httpx
 import pytest
+from conftest import PASSWORD, Served, World
 from itsdangerous import URLSafeTimedSerializer
 from prometheus_client.parser import text_string_to_metric_families
+from test_voice import _wait_for_row, close_of, recv_bytes, stream_url
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import PASSWORD, Served, World
 from simulator import LiveSimulator
-from test_voice import _wait_for_row, close_of, recv_bytes, stream_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,7 +117,8 @@ async def test_the_session_over_the_per_user_limit_is_refused(
             async with connect(url(served, plan.step_ids[1], user.token)):
                 await simulator.next_session()
                 assert await close_of(url(served, plan.step_ids[2], user.token)) == (
-                    1013, "Too many sessions for this user",
+                    1013,
+                    "Too many sessions for this user",
                 )
                 other = await world.user()  # limits are per user
                 other_plan = await world.plan(other)
@@ -173,6 +174,7 @@ async def test_login_attempts_are_rate_limited_per_email_and_address(
         serve_app(login_attempts_per_email=3, login_attempts_per_address=5) as served,
         httpx.AsyncClient(base_url=served.url) as http,
     ):
+
         async def attempt(email: str, password: str = "wrong") -> httpx.Response:
             return await http.post("/auth/login", json={"email": email, "password": password})
 
@@ -310,25 +312,26 @@ async def test_metrics_reflect_a_scripted_sequence_exactly(
     assert found[("coach_upstream_reconnects_total", ())] == 0
 
 
-async def test_forwarded_address_is_used_only_from_trusted_proxies(
-    serve_app, world: World
-) -> None:
+async def test_forwarded_address_is_used_only_from_trusted_proxies(serve_app, world: World) -> None:
     async def limited_after(served: Served, forwarded: list[str]) -> list[int]:
         async with httpx.AsyncClient(base_url=served.url) as http:
             return [
-                (await http.post(
-                    "/auth/login",
-                    json={"email": f"u{n}@example.com", "password": "x"},
-                    headers={"X-Forwarded-For": forwarded[n]},
-                )).status_code
+                (
+                    await http.post(
+                        "/auth/login",
+                        json={"email": f"u{n}@example.com", "password": "x"},
+                        headers={"X-Forwarded-For": forwarded[n]},
+                    )
+                ).status_code
                 for n in range(len(forwarded))
             ]
 
     await world.pool.execute("DELETE FROM login_attempts")  # attempts of earlier tests
     # Trusted proxy: each forwarded client has its own allowance.
-    async with serve_app(login_attempts_per_address=1, trusted_proxies=(
-        __import__("ipaddress").ip_network("127.0.0.0/8"),
-    )) as served:
+    async with serve_app(
+        login_attempts_per_address=1,
+        trusted_proxies=(__import__("ipaddress").ip_network("127.0.0.0/8"),),
+    ) as served:
         assert await limited_after(served, ["198.51.100.1", "198.51.100.2"]) == [401, 401]
         assert await limited_after(served, ["198.51.100.1"]) == [429]
     # Untrusted peer: the header is ignored, the peer address is the key.

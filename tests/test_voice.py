@@ -284,7 +284,9 @@ async def _wait_for_row(world: World, user_id: uuid.UUID) -> dict:
 async def test_many_sessions_leave_no_task_connection_or_upstream_behind(
     serve_app, world: World, simulator: LiveSimulator
 ) -> None:
-    async with serve_app(max_sessions_per_user=100) as service:  # reconnects come faster than teardown
+    async with serve_app(
+        max_sessions_per_user=100
+    ) as service:  # reconnects come faster than teardown
         await _open_and_drop_200_sessions(service, world, simulator)
 
 
