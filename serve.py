@@ -16,9 +16,8 @@ import signal
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from app import create_app
 from lifecycle import Lifecycle
-from settings import PROJECT_DIR, Settings, SettingsError
+from settings import PROJECT_DIR, Settings
 
 log = logging.getLogger("serve")
 
@@ -48,11 +47,9 @@ async def wait_for_stop_signal_then_drain(lifecycle: Lifecycle) -> None:
 
 
 def main() -> None:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        raise SystemExit(f"configuration error: {exc}") from None
-    app = create_app(settings)
+    from app import app  # built once, from the environment; exits with one line if misconfigured
+
+    settings: Settings = app.state.settings
     lifecycle: Lifecycle = app.state.lifecycle
     asyncio.run(
         serve(
