@@ -62,3 +62,12 @@ def test_redaction_of_tokens_in_log_text() -> None:
     line = "GET /voice/stream/x?token=eyJhbGciOi.eyJzdWIi.sig&ticket=abc Authorization: Bearer eyJx.y.z"
     cleaned = redact(line)
     assert "eyJhbGciOi" not in cleaned and "abc" not in cleaned and "eyJx" not in cleaned
+
+
+def test_env_example_lists_every_setting() -> None:
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    read = set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', (root / "settings.py").read_text()))
+    listed = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (root / ".env.example").read_text(), re.M))
+    assert read - {"INFO"} <= listed, read - listed  # "INFO" is a default value
