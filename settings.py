@@ -66,10 +66,13 @@ class Settings:
             jwt_secret = _dev_secret(data_dir)
         elif len(jwt_secret) < 32:
             raise SettingsError("JWT_SECRET must be at least 32 characters")
+        integers = {
+            name: _int(env, name.upper(), getattr(cls, name), minimum=minimum)
+            for name, minimum in _INTEGER_MINIMUMS.items()
+        }
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             jwt_secret=jwt_secret,
-            access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", 3600, minimum=1),
             gemini_api_key=env.get("GEMINI_API_KEY") or None,
             gemini_model=env.get("GEMINI_MODEL") or cls.gemini_model,
             gemini_base_url=env.get("GEMINI_BASE_URL") or None,
@@ -80,35 +83,30 @@ class Settings:
                 if o.strip()
             ),
             host=env.get("HOST") or cls.host,
-            port=_int(env, "PORT", cls.port, minimum=0),
             data_dir=data_dir,
             dev_mode=dev_mode,
-            max_frame_bytes=_int(env, "MAX_FRAME_BYTES", cls.max_frame_bytes, minimum=2),
-            max_pending_audio_bytes=_int(
-                env, "MAX_PENDING_AUDIO_BYTES", cls.max_pending_audio_bytes, minimum=4800
-            ),
-            max_sessions_per_user=_int(
-                env, "MAX_SESSIONS_PER_USER", cls.max_sessions_per_user, minimum=1
-            ),
-            max_session_seconds=_int(
-                env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1
-            ),
-            idle_seconds=_int(env, "IDLE_SECONDS", cls.idle_seconds, minimum=1),
-            drain_seconds=_int(env, "DRAIN_SECONDS", cls.drain_seconds, minimum=0),
-            login_window_seconds=_int(
-                env, "LOGIN_WINDOW_SECONDS", cls.login_window_seconds, minimum=1
-            ),
-            login_attempts_per_email=_int(
-                env, "LOGIN_ATTEMPTS_PER_EMAIL", cls.login_attempts_per_email, minimum=1
-            ),
-            login_attempts_per_address=_int(
-                env, "LOGIN_ATTEMPTS_PER_ADDRESS", cls.login_attempts_per_address, minimum=1
-            ),
             trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
             transcripts=_flag(env, "TRANSCRIPTS") if "TRANSCRIPTS" in env else True,
             log_level=(env.get("LOG_LEVEL") or cls.log_level).upper(),
             log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
+            **integers,
         )
+
+
+# Integer settings, read from the upper-cased field name, with the smallest value that makes sense.
+_INTEGER_MINIMUMS = {
+    "access_token_ttl": 1,
+    "port": 0,
+    "max_frame_bytes": 2,
+    "max_pending_audio_bytes": 4800,
+    "max_sessions_per_user": 1,
+    "max_session_seconds": 1,
+    "idle_seconds": 1,
+    "drain_seconds": 0,
+    "login_window_seconds": 1,
+    "login_attempts_per_email": 1,
+    "login_attempts_per_address": 1,
+}
 
 
 def _merged_env(environ: Mapping[str, str] | None) -> dict[str, str]:

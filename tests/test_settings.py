@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from logs import redact
-from settings import Settings, SettingsError
+from settings import _INTEGER_MINIMUMS, Settings, SettingsError
 
 SECRET = "s" * 40
 
@@ -69,5 +69,6 @@ def test_env_example_lists_every_setting() -> None:
 
     root = Path(__file__).resolve().parent.parent
     read = set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', (root / "settings.py").read_text()))
+    read |= {name.upper() for name in _INTEGER_MINIMUMS}
     listed = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (root / ".env.example").read_text(), re.M))
     assert read - {"INFO"} <= listed, read - listed  # "INFO" is a default value
