@@ -2,8 +2,9 @@
 
 One conversation per origin (the page served by the app, and the same files served from another
 origin with "API base" pointing at the app) runs once and is then examined by one test per behaviour:
-the simulator (echo mode) hears the speech, the page plays the echo back to back, and Stop releases
-everything. Needs Debian's `chromium`, `espeak-ng` and `sox`; Playwright drives /usr/bin/chromium
+the simulator (echo mode) hears the speech, the page plays the echo back to back, connects with a
+single-use ticket and the event channel (transcripts shown), and Stop releases everything. Barge-in and
+transcripts driven by a scripted model are in test_page_events.py. Needs Debian's `chromium`, `espeak-ng` and `sox`; Playwright drives /usr/bin/chromium
 (never `playwright install`).
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import re
 import shutil
 import socket
 import subprocess
@@ -58,6 +60,9 @@ class Conversation:
     debug: dict[str, Any]  # window.coachDebug after Stop
     heard: np.ndarray  # what the simulator received: 16 kHz s16le as float
     mime_types: list[str]
+    socket_urls: list[str]  # every WebSocket the page opened, as the browser saw it
+    token: str  # the user's access token, which must appear in no URL
+    transcript: list[str]  # the lines of the transcript area after Stop
 
 
 # ---- the world: speech, a browser, the app and a second origin ---------------------------------
@@ -76,7 +81,7 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Speech:
         [sox, spoken, fake_mic, "pad", "0", str(PAD_SECONDS)],  # silence after the speech
         [sox, spoken, "-r", str(IN_RATE), "-c", "1", "-b", "16", reference],  # sox's good resampler
     ):
-        subprocess.run(command, check=True, capture_output=True)  # noqa: S603 (fixed arguments)
+        subprocess.run(command, check=True, capture_output=True)  # fixed arguments
     ref = _read_wav(reference)
     return Speech(fake_mic, ref, len(ref) / IN_RATE)
 
@@ -236,6 +241,8 @@ async def converse(
         page = await context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        socket_urls: list[str] = []
+        page.on("websocket", lambda ws: socket_urls.append(ws.url))
         await open_and_log_in(page, site, user.email, PASSWORD)
         step = page.get_by_label("Step")
         await expect(step).to_contain_text("Run a 5K — Step 2", timeout=WAIT_MS)
@@ -249,10 +256,12 @@ async def converse(
         # The whole fake-mic file has reached the model: the utterance has ended and its echo began.
         whole_file = int((speech.seconds + PAD_SECONDS - 0.2) * IN_RATE) * 2
         await sim.wait_audio(whole_file, timeout=WAIT_MS / 1000)
-        # The echo arrives at ~2x real time, so once every received buffer has played, it is over.
+        # The echo arrives at ~2x real time, so once every received buffer has played and the turn
+        # is complete (its transcripts came before), it is over.
         await page.wait_for_function(
             """() => coachDebug.buffersReceived > 0
-                     && coachDebug.buffersEnded === coachDebug.buffersReceived""",
+                     && coachDebug.buffersEnded === coachDebug.buffersReceived
+                     && coachDebug.events.some((e) => e.type === "turn_complete")""",
             timeout=WAIT_MS,
         )
         mic_settings = await page.evaluate("coachDebug.micSettings()")
@@ -265,13 +274,16 @@ async def converse(
                        requestedConstraints: window.requestedConstraints})"""
         )
         debug["micSettings"] = mic_settings
+        transcript = await page.locator("#transcript p").all_text_contents()
         async with asyncio.timeout(WAIT_MS / 1000):
             await sim.closed.wait()  # the relay closed upstream: `audio_in` is final
         assert not errors, f"uncaught errors in the page: {errors}"
     finally:
         await context.close()
     heard = np.frombuffer(bytes(sim.audio_in), dtype="<i2").astype(np.float64)
-    return Conversation(origin, debug, heard, list(sim.mime_types))
+    return Conversation(
+        origin, debug, heard, list(sim.mime_types), socket_urls, user.token, transcript
+    )
 
 
 @pytest.fixture(scope="module", params=["same-origin", "cross-origin"])
@@ -438,6 +450,31 @@ async def test_the_echo_is_played_back_to_back(conversation: Conversation) -> No
     assert all(-0.1 <= g <= 5 for g in gaps)
 
 
+def assert_ticket_url(url: str, token: str) -> None:
+    """A voice socket URL that carries a ticket and no access token."""
+    assert re.search(r"/voice/stream/[0-9a-f-]+\?ticket=[^&]+$", url), url
+    assert "token=" not in url
+    assert token not in url
+
+
+async def test_the_socket_uses_a_ticket_and_the_event_channel(conversation: Conversation) -> None:
+    d = conversation.debug
+    types = [e["type"] for e in d["events"]]
+    print(
+        f"\n[{conversation.origin}] socket {conversation.socket_urls[0].split('?')[0]}?ticket=…, "
+        f"protocol {d['protocol']!r}, events {types}, transcript {conversation.transcript}"
+    )
+    assert len(conversation.socket_urls) == 1
+    assert_ticket_url(conversation.socket_urls[0], conversation.token)
+    assert d["protocol"] == "coach.events.v1"
+    assert types[0] == "session" and re.fullmatch(r"[0-9a-f-]{36}", d["sessionId"])
+    assert "turn_complete" in types and "interrupted" not in types
+    assert [f["reason"] for f in d["flushLog"]] == ["end"]  # only Stop stopped the playback
+    # The echo's transcripts, one line per speaker, in order.
+    assert re.fullmatch(r"You: \(you spoke \d+\.\d s\)", conversation.transcript[0])
+    assert re.fullmatch(r"Coach: \(echo of \d+\.\d s\)", conversation.transcript[1])
+
+
 async def test_stop_releases_the_mic_and_audio_and_closes_1000(conversation: Conversation) -> None:
     d = conversation.debug
     print(
@@ -482,6 +519,9 @@ async def test_a_bad_token_shows_the_servers_error(page: Page, sites: dict[str, 
 async def test_a_step_of_another_user_is_refused_with_its_reason(
     page: Page, sites: dict[str, Site], world: World
 ) -> None:
+    """The ticket request is refused (404): no socket is opened, and nothing is left running."""
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
     user, other = await world.user(), await world.user()
     await world.plan(user, title="Mine", steps=1)
     theirs = await world.plan(other, title="Theirs", steps=1)
@@ -493,9 +533,38 @@ async def test_a_step_of_another_user_is_refused_with_its_reason(
     )
     await step.select_option(str(theirs.step_ids[0]))
     await page.get_by_role("button", name="Start", exact=True).click()
-    await expect(page.get_by_role("status")).to_have_text("Step not found (1008)", timeout=WAIT_MS)
-    await wait_until_released(page)
-    assert await page.evaluate("coachDebug.closeCode") == 1008
+    await expect(page.get_by_role("status")).to_have_text(
+        "Step not found (HTTP 404)", timeout=WAIT_MS
+    )
+    await page.wait_for_function(
+        """() => Object.values(coachDebug.contextsState()).every((s) => s === "closed")""",
+        timeout=WAIT_MS,
+    )
+    assert await page.evaluate("coachDebug.micTrackState()") == "none"  # never asked for
+    assert sockets == []
+    await expect(page.get_by_role("alert")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Start", exact=True)).to_be_enabled()
+
+
+async def test_a_socket_refusal_after_the_ticket_shows_its_reason_and_code(
+    page: Page, serve_app: ServeFactory, world: World
+) -> None:
+    """The ticket is granted, the socket refuses (no AI key configured): the close's reason shows."""
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    user = await world.user()
+    await world.plan(user, title="Mine", steps=1)
+    async with serve_app(gemini_api_key=None) as app:
+        await open_and_log_in(page, Site(app.url + "/", app.url), user.email, PASSWORD)
+        await expect(page.get_by_label("Step")).to_have_text("Mine — Step 1", timeout=WAIT_MS)
+        await page.get_by_role("button", name="Start", exact=True).click()
+        await expect(page.get_by_role("status")).to_have_text(
+            "Server configuration error for AI client (1011)", timeout=WAIT_MS
+        )
+        await wait_until_released(page)
+    assert await page.evaluate("coachDebug.closeCode") == 1011
+    assert len(sockets) == 1
+    assert_ticket_url(sockets[0], user.token)
     await expect(page.get_by_role("button", name="Start", exact=True)).to_be_enabled()
 
 
