@@ -1,7 +1,7 @@
 """The data path of one voice session: browser ⇄ Gemini, until one side ends.
 
-Four coroutines run in one task group; the first to finish raises `SessionEnd` and the others are
-cancelled:
+Four coroutines run as tasks owned by `relay()`; the first to finish raises `SessionEnd` and the
+others are cancelled and awaited:
 
 - reader: browser binary frames (16 kHz s16le PCM) → Gemini, byte-exact; checks every frame;
 - pump: Gemini events → the outbox, never blocked by the browser, so upstream is always drained;
@@ -120,19 +120,27 @@ async def relay(
     `on_event`: called with every non-audio upstream event (transcripts are stored from it).
     """
     outbox = Outbox(limits.max_pending_bytes)
-    end: SessionEnd | None = None
+    tasks = [
+        asyncio.create_task(_read_client(receive, upstream, limits.max_frame_bytes, counters)),
+        asyncio.create_task(_pump_upstream(upstream, outbox, events, on_event)),
+        asyncio.create_task(_write_client(send, outbox, counters)),
+        asyncio.create_task(_watchdog(limits, counters, stopping)),
+    ]
+    # Not a TaskGroup: in early 3.11 releases (seen with 3.11.2, not 3.11.7) a TaskGroup whose child
+    # fails while the parent waits in __aexit__ can leave a cancellation pending on the parent, which
+    # then breaks the session's clean-up. Here the four tasks are owned the same way: the first to
+    # finish ends them all, and none outlives this function.
     try:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_read_client(receive, upstream, limits.max_frame_bytes, counters))
-            tasks.create_task(_pump_upstream(upstream, outbox, events, on_event))
-            tasks.create_task(_write_client(send, outbox, counters))
-            tasks.create_task(_watchdog(limits, counters, stopping))
-    except* SessionEnd as ended:
-        first = ended.exceptions[0]
-        assert isinstance(first, SessionEnd)
-        end = first
-    assert end is not None, "relay coroutines only end by raising SessionEnd"
-    return end
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    endings = [task.exception() for task in done]
+    for ending in endings:
+        if isinstance(ending, SessionEnd):
+            return ending
+    raise next((e for e in endings if e is not None), AssertionError("relay tasks end by raising"))
 
 
 async def _read_client(
