@@ -7,12 +7,20 @@ Long calls: a Live connection lasts about ten minutes and announces its end with
 keeps the newest resumable handle and, on goAway, reconnects with it at the next turn boundary (or just
 before the announced deadline), after the old socket is closed; it also tries one resumption after an
 unexpected drop (1011/1006). Audio sent meanwhile waits for the new connection instead of being lost.
+
+Hot path: the SDK opens each connection (URL, key, TLS, the setup message, its answer). Audio then
+travels over that session's own websocket (`AsyncSession._ws`) as the JSON the SDK itself would send
+and receive, without a pydantic model per message: the SDK's per-message model building and validation
+was the relay's largest cost (bench/README.md). `tests/test_gemini_wire.py` pins the messages against
+the SDK's own, so an SDK upgrade that changes them fails a test, not a call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -42,6 +50,11 @@ WEBSOCKET_OPTIONS = {
     "compression": None,
 }
 RESUMABLE_CODES = {1006, 1011}
+# Exactly what `send_realtime_input(audio=Blob(...))` puts on the wire (google-genai 3.6.1: json.dumps
+# of the converted model, URL-safe base64), built without a pydantic model, a dict conversion and a
+# json.dumps per 20 ms frame; pinned by tests/test_gemini_wire.py.
+_AUDIO_HEAD = '{"realtime_input": {"audio": {"data": "'
+_AUDIO_TAIL = f'", "mime_type": "{INPUT_MIME_TYPE}"}}}}}}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,16 +169,17 @@ class LiveSession:
     async def send_audio(self, pcm: bytes) -> None:
         """Forward 16 kHz s16le PCM; during a reconnection, waits for the new connection."""
         while True:
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    await self._ready.wait()
-            except TimeoutError:
-                raise UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED) from None
+            if not self._ready.is_set():  # only during a reconnection: no timeout object per frame
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT):
+                        await self._ready.wait()
+                except TimeoutError:
+                    raise UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED) from None
             live = self._live
             try:
-                await live.send_realtime_input(
-                    audio=types.Blob(data=pcm, mime_type=INPUT_MIME_TYPE)
-                )
+                # The session's websocket (google.genai.live.AsyncSession._ws, a websockets
+                # ClientConnection): the SDK has no public way to send pre-built JSON.
+                await live._ws.send(realtime_audio_message(pcm))
                 return
             except ConnectionClosed as exc:
                 if self._closed:
@@ -185,16 +199,19 @@ class LiveSession:
                 while True:
                     if go_away_deadline is not None and not in_turn:
                         break  # a turn boundary after goAway: switch connections now
-                    async with asyncio.timeout_at(_loop_deadline(go_away_deadline)):
+                    if go_away_deadline is None:  # the usual case: no timeout object per message
                         message = await anext(messages)
+                    else:
+                        async with asyncio.timeout_at(_loop_deadline(go_away_deadline)):
+                            message = await anext(messages)
                     unexpected_retry_used = False
-                    if message.session_resumption_update is not None:
-                        update = message.session_resumption_update
-                        if update.resumable and update.new_handle:
-                            self.handle = update.new_handle
-                    if message.go_away is not None:
-                        go_away_deadline = _go_away_deadline(message.go_away.time_left)
-                    content = message.server_content
+                    update = message.get("sessionResumptionUpdate")
+                    if update and update.get("resumable") and update.get("newHandle"):
+                        self.handle = update["newHandle"]
+                    go_away = message.get("goAway")
+                    if go_away is not None:
+                        go_away_deadline = _go_away_deadline(go_away.get("timeLeft"))
+                    content = message.get("serverContent")
                     if content is None:
                         continue
                     for event in _content_events(content):
@@ -231,17 +248,35 @@ class LiveSession:
         log.info("upstream resumed (reconnect %d)", self.reconnects)
 
     @staticmethod
-    async def _messages(live: Any) -> AsyncGenerator[Any, None]:
-        """Every server message: `receive()` stops at each turn's end, so call it again and again."""
+    async def _messages(live: Any) -> AsyncGenerator[dict[str, Any], None]:
+        """Every server message as parsed JSON, read off the session's websocket.
+
+        Not `receive()`: it builds and validates a pydantic `LiveServerMessage` for every message
+        (the largest single cost of the relay), and stops at each turn's end. The session's
+        websocket is `google.genai.live.AsyncSession._ws` (a websockets ClientConnection); closes
+        map to the same `UpstreamError`s as the SDK's `APIError`s did.
+        """
+        ws = live._ws
         while True:
             try:
-                async for message in live.receive():
-                    yield message
-            except TypeError:
-                # The SDK raises this on a frame holding only keys it does not know: skip the frame.
-                log.debug("skipped an upstream message the SDK could not parse")
+                raw = await ws.recv(decode=False)
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else 1006
+                raise _closed_error(code) from exc
             except Exception as exc:
                 raise _upstream_error(exc, connecting=False) from exc
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                log.debug("skipped an upstream message that is not JSON")
+                continue
+            if isinstance(message, dict):
+                yield message
+
+
+def realtime_audio_message(pcm: bytes) -> str:
+    """The message `send_realtime_input(audio=Blob(pcm, INPUT_MIME_TYPE))` sends, built directly."""
+    return _AUDIO_HEAD + base64.urlsafe_b64encode(pcm).decode("ascii") + _AUDIO_TAIL
 
 
 def connector_from_settings(settings: Settings) -> LiveConnector | None:
@@ -257,23 +292,33 @@ def connector_from_settings(settings: Settings) -> LiveConnector | None:
     return LiveConnector(client, settings.gemini_model, transcripts=settings.transcripts)
 
 
-def _content_events(content: Any) -> list[Event]:
+def _content_events(content: dict[str, Any]) -> list[Event]:
+    """The events of one `serverContent` (camelCase, as Gemini sends it), in the SDK's order."""
     events: list[Event] = []
-    if content.interrupted:
+    if content.get("interrupted"):
         events.append(INTERRUPTED)
-    if content.input_transcription is not None and content.input_transcription.text:
-        t = content.input_transcription
-        events.append(Transcript("user", t.text, bool(t.finished)))
-    if content.model_turn is not None:
-        for part in content.model_turn.parts or ():
-            if part.inline_data is not None and part.inline_data.data:
-                events.append(part.inline_data.data)
-    if content.output_transcription is not None and content.output_transcription.text:
-        t = content.output_transcription
-        events.append(Transcript("coach", t.text, bool(t.finished)))
-    if content.turn_complete:
+    t = content.get("inputTranscription")
+    if t and t.get("text"):
+        events.append(Transcript("user", t["text"], bool(t.get("finished"))))
+    turn = content.get("modelTurn")
+    if turn:
+        for part in turn.get("parts") or ():
+            blob = part.get("inlineData")
+            if blob and blob.get("data"):
+                events.append(_b64decode(blob["data"]))
+    t = content.get("outputTranscription")
+    if t and t.get("text"):
+        events.append(Transcript("coach", t["text"], bool(t.get("finished"))))
+    if content.get("turnComplete"):
         events.append(TURN_COMPLETE)
     return events
+
+
+def _b64decode(data: str) -> bytes:
+    """Standard or URL-safe base64, padded or not (pydantic accepted both)."""
+    if "-" in data or "_" in data:
+        return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+    return base64.b64decode(data + "=" * (-len(data) % 4))
 
 
 def _go_away_deadline(time_left: str | None) -> float:
@@ -288,6 +333,15 @@ def _loop_deadline(deadline: float | None) -> float | None:
     if deadline is None:
         return None
     return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+def _closed_error(code: int) -> UpstreamError:
+    """The upstream closed with `code` (1006: no close frame), mapped as the SDK's APIError was."""
+    if code == 1000:
+        return UpstreamError(Close.NORMAL, Reason.UPSTREAM_ENDED)
+    if code in RESUMABLE_CODES:
+        return UpstreamError(code, Reason.UPSTREAM_FAILED)  # the caller may resume
+    return UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED)
 
 
 def _upstream_error(exc: Exception, *, connecting: bool) -> UpstreamError:

@@ -1,9 +1,10 @@
 """The data path of one voice session: browser ⇄ Gemini, until one side ends.
 
-Four coroutines run as tasks owned by `relay()`; the first to finish raises `SessionEnd` and the
+Five coroutines run as tasks owned by `relay()`; the first to finish raises `SessionEnd` and the
 others are cancelled and awaited:
 
-- reader: browser binary frames (16 kHz s16le PCM) → Gemini, byte-exact; checks every frame;
+- reader: browser binary frames (16 kHz s16le PCM) → the inbox; checks every frame;
+- forwarder: the inbox → Gemini, byte-exact; what piled up during a send leaves as one message;
 - pump: Gemini events → the outbox, never blocked by the browser, so upstream is always drained;
 - writer: the outbox → browser binary frames (24 kHz s16le PCM), byte-exact and in order;
 - watchdog: the session time limit, the idle limit (no audio from the browser), and draining.
@@ -103,6 +104,52 @@ class Outbox:
         return b"".join(parts)
 
 
+class Inbox:
+    """Browser audio on its way to Gemini: what arrives while a send is in flight leaves with the next.
+
+    The forwarder sends whatever is here the moment it is free, so nothing waits when the relay keeps
+    up; when the loop is busy, frames that piled up go as one realtime_input (at most
+    `MAX_JOINED_BYTES`), which is what makes the per-message cost fall as the load rises. Bounded:
+    past `max_bytes` the reader stops reading the browser until the forwarder catches up, as it did
+    when it awaited each send itself.
+    """
+
+    def __init__(self, max_bytes: int = 2 * MAX_JOINED_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._parts: deque[bytes] = deque()
+        self._bytes = 0
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._bytes += len(data)
+        self._ready.set()
+        if self._bytes >= self.max_bytes:
+            self._room.clear()
+            await self._room.wait()
+
+    async def get(self) -> bytes:
+        parts = self._parts
+        while not parts:
+            self._ready.clear()
+            await self._ready.wait()
+        first = parts.popleft()
+        size = len(first)
+        if parts and size + len(parts[0]) <= MAX_JOINED_BYTES:
+            joined = [first]
+            while parts and size + len(parts[0]) <= MAX_JOINED_BYTES:
+                frame = parts.popleft()
+                joined.append(frame)
+                size += len(frame)
+            first = b"".join(joined)
+        self._bytes -= size
+        if self._bytes < self.max_bytes:
+            self._room.set()
+        return first
+
+
 async def relay(
     receive: Callable[[], Any],
     send: Callable[[dict[str, Any]], Any],
@@ -120,15 +167,17 @@ async def relay(
     `on_event`: called with every non-audio upstream event (transcripts are stored from it).
     """
     outbox = Outbox(limits.max_pending_bytes)
+    inbox = Inbox()
     tasks = [
-        asyncio.create_task(_read_client(receive, upstream, limits.max_frame_bytes, counters)),
+        asyncio.create_task(_read_client(receive, inbox, limits.max_frame_bytes, counters)),
+        asyncio.create_task(_forward_upstream(inbox, upstream, counters)),
         asyncio.create_task(_pump_upstream(upstream, outbox, events, on_event)),
         asyncio.create_task(_write_client(send, outbox, counters)),
         asyncio.create_task(_watchdog(limits, counters, stopping)),
     ]
     # Not a TaskGroup: in early 3.11 releases (seen with 3.11.2, not 3.11.7) a TaskGroup whose child
     # fails while the parent waits in __aexit__ can leave a cancellation pending on the parent, which
-    # then breaks the session's clean-up. Here the four tasks are owned the same way: the first to
+    # then breaks the session's clean-up. Here the five tasks are owned the same way: the first to
     # finish ends them all, and none outlives this function.
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -144,7 +193,7 @@ async def relay(
 
 
 async def _read_client(
-    receive: Callable[[], Any], upstream: LiveSession, max_frame: int, counters: Counters
+    receive: Callable[[], Any], inbox: Inbox, max_frame: int, counters: Counters
 ) -> None:
     clock = asyncio.get_running_loop().time
     while True:
@@ -162,8 +211,14 @@ async def _read_client(
             raise SessionEnd(Close.INVALID_PAYLOAD, Reason.ODD_LENGTH)
         counters.heard_at = clock()
         if size:
-            await upstream.send_audio(data)
-            counters.bytes_in += size
+            await inbox.put(data)
+
+
+async def _forward_upstream(inbox: Inbox, upstream: LiveSession, counters: Counters) -> None:
+    while True:
+        data = await inbox.get()
+        await upstream.send_audio(data)
+        counters.bytes_in += len(data)
 
 
 async def _pump_upstream(
