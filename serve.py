@@ -10,6 +10,7 @@ A second signal skips the rest of the drain time.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -51,6 +52,11 @@ def main() -> None:
 
     settings: Settings = app.state.settings
     lifecycle: Lifecycle = app.state.lifecycle
+    # What start-up built (modules, the SDK's schemas, the app) lives as long as the process: keep it
+    # out of the cyclic GC, whose full collections otherwise walk it all with the event loop stopped
+    # (50-75 ms measured under load: every live call hears the gap).
+    gc.collect()
+    gc.freeze()
     asyncio.run(
         serve(
             app,  # type: ignore[arg-type]
