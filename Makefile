@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SIM_PORT ?= 9443
 
-.PHONY: install run demo test lint bench simulator clean
+.PHONY: install run demo test lint bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# The short benchmark (< 2 min): relay vs direct, interleaved; see bench/README.md for the full run.
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 lint: install
 	$(BIN)/ruff check .

@@ -20,6 +20,11 @@ from hypercorn.config import Config
 from lifecycle import Lifecycle
 from settings import PROJECT_DIR, Settings
 
+try:  # libuv's event loop: measured less CPU per chunk and a third of the memory per session
+    import uvloop
+except ImportError:  # not on every platform
+    uvloop = None  # type: ignore[assignment]
+
 log = logging.getLogger("serve")
 
 
@@ -57,7 +62,9 @@ def main() -> None:
     # (50-75 ms measured under load: every live call hears the gap).
     gc.collect()
     gc.freeze()
-    asyncio.run(
+    run = uvloop.run if uvloop is not None else asyncio.run
+    log.info("event loop: %s", "uvloop" if uvloop is not None else "asyncio")
+    run(
         serve(
             app,  # type: ignore[arg-type]
             hypercorn_config(settings),
