@@ -38,7 +38,7 @@ test: install
 # The short benchmark (< 2 min): relay vs direct, interleaved; see bench/README.md for the full run.
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --callers 1,10,50 --seconds 10 --retries 0 --out bench/results/short.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -669,3 +669,20 @@ async def test_sigterm_drains_one_replica_while_the_other_serves(
     )
     print(f"new calls during the drain: {during}")
     print(f"after the replica stopped: {after}; failover in nginx's log:", *failover, sep="\n  ")
+
+
+async def test_nginx_strips_the_deflate_offer_so_pcm_travels_uncompressed(
+    deployed: Deployment, simulator: LiveSimulator, world: World
+) -> None:
+    user = await world.user()
+    plan = await world.plan(user)
+    url = deployed.proxy.call_url(plan.step_ids[0], user.token)
+    ws, upstream = await open_call(
+        url, simulator
+    )  # websockets offers permessage-deflate, as browsers do
+    try:
+        assert ws.protocol.extensions == []
+        assert ws.response is not None and "sec-websocket-extensions" not in ws.response.headers
+        await relays(ws, upstream, seed=7)
+    finally:
+        await ws.close()

@@ -222,7 +222,11 @@ async def test_a_ticket_works_once(service: Served, world: World, simulator: Liv
         not_theirs = await http.post(
             f"/voice/ticket/{step}", headers={"Authorization": f"Bearer {stranger.token}"}
         )
-        assert not_theirs.status_code == 404
+        assert (
+            await http.post(
+                "/voice/ticket/not-a-uuid", headers={"Authorization": f"Bearer {user.token}"}
+            )
+        ).status_code == 404
     assert issued.status_code == 200 and issued.json()["expires_in"] == 60
     ticket = issued.json()["ticket"]
     url = f"{service.ws_url}/voice/stream/{step}?ticket={ticket}"
@@ -233,6 +237,9 @@ async def test_a_ticket_works_once(service: Served, world: World, simulator: Liv
     assert await close_of(url) == (1008, "Not authenticated")  # spent
     other_step = f"{service.ws_url}/voice/stream/{plan.step_ids[1]}?ticket={ticket}"
     assert await close_of(other_step) == (1008, "Not authenticated")  # bound to its step
+    # A ticket for someone else's step is issued, and refused where ownership is decided.
+    strangers = f"{service.ws_url}/voice/stream/{step}?ticket={not_theirs.json()['ticket']}"
+    assert await close_of(strangers) == (1008, "Step not found")
 
 
 async def test_an_expired_ticket_fails(service: Served, world: World) -> None:
