@@ -310,6 +310,7 @@ class LiveSimulator:
         port: int = 0,
         api_key: str | None = None,
         cert_dir: str | None = None,
+        transcripts: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -318,6 +319,7 @@ class LiveSimulator:
         self.port = port
         self.api_key = api_key
         self.cert_dir = cert_dir
+        self.transcripts = transcripts  # bench mode: replies also carry transcription fragments
         self.url = ""
         self.ca_file = ""
         self.sessions: list[SimSession] = []
@@ -460,7 +462,11 @@ class LiveSimulator:
             if (
                 self.mode == "bench"
             ):  # awaited inline: a client that stops reading gets backpressure
-                await session.send_raw(audio_message(pcm + pcm[: len(pcm) // 2]))
+                reply = audio_message(pcm + pcm[: len(pcm) // 2])
+                if self.transcripts:  # as the service interleaves them with speech
+                    reply["serverContent"]["inputTranscription"] = {"text": "you "}
+                    reply["serverContent"]["outputTranscription"] = {"text": "coach "}
+                await session.send_raw(reply)
             elif echo is not None:
                 await echo.feed(pcm)
         if _get(rt, "audio_stream_end", "audioStreamEnd"):
@@ -482,7 +488,9 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with LiveSimulator(args.mode, args.host, args.port, args.api_key) as sim:
+    async with LiveSimulator(
+        args.mode, args.host, args.port, args.api_key, transcripts=args.transcripts
+    ) as sim:
         ca_file = sim.ca_file
         if args.ca_out:
             ca_file = shutil.copyfile(sim.ca_file, args.ca_out)
@@ -497,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9443, help="0 picks a free port")
     parser.add_argument("--ca-out", help="also write the CA certificate (PEM) to this path")
     parser.add_argument("--api-key", help="if set, other keys are closed with 1007")
+    parser.add_argument(
+        "--transcripts", action="store_true", help="bench mode: transcription fragments too"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # it logs every connection too

@@ -271,6 +271,8 @@ class SimulatorProcess:
 
         out = Path(self._tmp.name) / "stdout"
         argv = ["--mode", "bench", "--port", "0", "--ca-out", str(ca_out)]
+        if os.environ.get("BENCH_SIM_TRANSCRIPTS"):  # replies carry transcription fragments too
+            argv.append("--transcripts")
         if self.uvloop:  # the harness only: the same simulator code on a faster event loop
             command = [self.python, "-c",
                        "import sys, uvloop; uvloop.install(); sys.path.insert(0, '.'); "
