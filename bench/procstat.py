@@ -134,3 +134,12 @@ def busy_processes(min_percent: float = 20.0, exclude: set[int] | None = None) -
         if age > 1 and 100.0 * cpu / age >= min_percent:
             out.append(f"{name}:{comm}:{100.0 * cpu / age:.0f}%")
     return out
+
+
+def event_loop_of(pid: int) -> str:
+    """ "uvloop" if the process has uvloop's extension mapped (it runs on it), else "asyncio"."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "uvloop" if any("uvloop/loop" in line for line in f) else "asyncio"
+    except OSError:
+        return "?"

@@ -25,6 +25,10 @@ PATHS: list[tuple[str, Any]] = [
         lambda st: _has(st, "send_realtime_input", "genai/live.py"),
     ),
     (
+        "send_audio: pre-built JSON on the upstream websocket (browser frame → Gemini)",
+        lambda st: _has(st, "send_audio", "gemini.py") or _has(st, "_forward_upstream"),
+    ),
+    (
         "SDK receive() / _receive (Gemini message → event)",
         lambda st: _has(st, "_receive", "genai/live.py") or _has(st, "receive", "genai/live.py"),
     ),
@@ -50,7 +54,7 @@ PATHS: list[tuple[str, Any]] = [
         ),
     ),
     (
-        "pump: upstream events → outbox",
+        "pump: upstream message → JSON → events → outbox",
         lambda st: _has(st, "_pump_upstream") or _has(st, "events", "gemini.py"),
     ),
     (

@@ -489,6 +489,7 @@ class Bench:
         await asyncio.sleep(0.5)
         combo.idle_rss_kib = procstat.rss_kib(combo.service.pid)
         combo.report["idle_rss_kib"] = combo.idle_rss_kib
+        combo.report["event_loop"] = procstat.event_loop_of(combo.service.pid)
 
     async def stop(self, combo: Combo) -> None:
         if combo.proxy is not None:
@@ -698,15 +699,15 @@ def markdown(report: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| server | callers offer deflate | negotiated | start-up to ready s (fresh DB / warm DB) "
+        "| server | callers offer deflate | negotiated | event loop | start-up to ready s (fresh DB / warm DB) "
         "| idle RSS MiB | largest N meeting target (of those run) |",
-        "|---|---|---|---|---:|---:|",
+        "|---|---|---|---|---|---:|---:|",
     ]
     for cfg in report["configs"]:
         passing = [row["n"] for row in cfg["rows"] if row["meets_target"]]
         lines.append(
             f"| {cfg['server']} | {'yes' if cfg['client_deflate'] else 'no'} | `{cfg.get('negotiated') or 'none'}` "
-            f"| {fmt(cfg.get('startup_seconds'), 2)} / {fmt(cfg.get('warm_startup_seconds'), 2)} "
+            f"| {cfg.get('event_loop', '?')} | {fmt(cfg.get('startup_seconds'), 2)} / {fmt(cfg.get('warm_startup_seconds'), 2)} "
             f"| {fmt((cfg.get('idle_rss_kib') or 0) / 1024, 1)} | {max(passing) if passing else '—'} |"
         )
     for cfg in report["configs"]:

@@ -125,8 +125,9 @@ def service_command(server: str, app_dir: Path, python: str, port: int) -> list[
     if server in ("uvicorn", "uvicorn-nodeflate"):
         cmd = [python, "-m", "uvicorn", "app:app", "--ws", "websockets",
                "--host", "127.0.0.1", "--port", str(port),
-               # the same event loop and HTTP parser as Hypercorn: only the server code differs
-               "--loop", "asyncio", "--http", "h11",
+               # uvicorn's default loop ("auto": uvloop when installed, as serve.py does for
+               # Hypercorn); h11 as Hypercorn (httptools is not installed either way)
+               "--loop", "auto", "--http", "h11",
                "--log-level", "warning", "--no-access-log"]  # fmt: skip
         if server == "uvicorn-nodeflate":
             cmd += ["--ws-per-message-deflate", "false"]
