@@ -276,8 +276,9 @@ class SimulatorProcess:
             argv.append("--transcripts")
         if self.uvloop:  # the harness only: the same simulator code on a faster event loop
             command = [self.python, "-c",
-                       "import sys, uvloop; uvloop.install(); sys.path.insert(0, '.'); "
-                       f"import simulator; sys.exit(simulator.main({argv!r}))"]  # fmt: skip
+                       "import gc, sys, uvloop; uvloop.install(); sys.path.insert(0, '.'); "
+                       "import simulator; gc.collect(); gc.freeze(); "
+                       f"sys.exit(simulator.main({argv!r}))"]  # fmt: skip
         else:
             command = [self.python, str(self.app_dir / "simulator.py"), *argv]
         self.proc = subprocess.Popen(
