@@ -15,9 +15,9 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -35,6 +35,25 @@ from settings import Settings
 from simulator import LiveSimulator
 
 PASSWORD = "correct horse battery staple"
+POLL_SECONDS = 0.02
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], *, timeout: float = 5, interval: float = POLL_SECONDS
+) -> T:
+    """Await `probe()` until it returns something truthy, and return that; TimeoutError at `timeout`.
+
+    For state with no event to wait on (rows, processes, other servers): every wait in the tests is a
+    condition with a bound, and this is the one place that polls.
+    """
+    async with asyncio.timeout(timeout):
+        while not (result := await probe()):
+            await asyncio.sleep(interval)  # paced: the poll interval of a bounded wait
+    return result
+
+
 _PASSWORD_HASH = hash_password(PASSWORD)  # hashed once: argon2 is slow on purpose
 
 
@@ -203,14 +222,16 @@ def serve_app(settings: Settings, simulator: LiveSimulator, pool: asyncpg.Pool) 
 
 
 async def _wait_until_ready(url: str, served: asyncio.Task[None]) -> None:
-    async with httpx.AsyncClient(base_url=url) as client, asyncio.timeout(15):
-        while True:
+    async with httpx.AsyncClient(base_url=url) as client:
+
+        async def ready() -> bool:
             if served.done():
-                served.result()
+                served.result()  # start-up failed: raise its error
             with contextlib.suppress(httpx.TransportError):
-                if (await client.get("/readyz")).status_code == 200:
-                    return
-            await asyncio.sleep(0.02)  # polling readiness with a deadline
+                return (await client.get("/readyz")).status_code == 200
+            return False
+
+        await eventually(ready, timeout=15)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from conftest import Served, World
+from conftest import Served, World, eventually
 from test_voice import _wait_for_row, recv_bytes, stream_url
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -96,7 +96,7 @@ async def test_interruption_drops_unsent_audio_and_keeps_events_in_order() -> No
 async def test_a_writer_waiting_across_an_interruption_still_gets_new_audio() -> None:
     outbox = Outbox(10_000)
     waiting = asyncio.create_task(outbox.get())
-    await asyncio.sleep(0)  # let it start waiting on the empty outbox
+    await asyncio.sleep(0)  # paced: one turn of the loop, so the get() is waiting before the drop
     outbox.drop_audio()
     outbox.put(b"d" * 6)
     assert await asyncio.wait_for(waiting, 1) == b"dddddd"
@@ -146,14 +146,14 @@ async def test_transcripts_are_stored_in_order_and_read_back_by_their_owner_only
                 headers={"Authorization": f"Bearer {token}"},
             )
 
-        async with asyncio.timeout(5):
-            while True:  # the abrupt session's last lines land as its task unwinds
-                body = (await conversations(user.token)).json()
-                if len(body["conversations"]) == 2 and all(
-                    len(c["transcript"]) == 3 for c in body["conversations"]
-                ):
-                    break
-                await asyncio.sleep(0.05)
+        async def both_complete() -> dict | None:  # the abrupt session's lines land as it unwinds
+            body = (await conversations(user.token)).json()
+            complete = len(body["conversations"]) == 2 and all(
+                len(c["transcript"]) == 3 for c in body["conversations"]
+            )
+            return body if complete else None
+
+        body = await eventually(both_complete)
         newest, oldest = body["conversations"]
         assert newest["started_at"] > oldest["started_at"]
         for conversation in body["conversations"]:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
-from conftest import PASSWORD, World
+from conftest import PASSWORD, World, eventually
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -81,13 +81,16 @@ def service_process(tmp: Path, env: dict[str, str], name: str = "svc") -> Iterat
 
 async def wait_ready(process: Process, timeout: float = 30) -> float:
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=process.url) as client, asyncio.timeout(timeout):
-        while True:
+    async with httpx.AsyncClient(base_url=process.url) as client:
+
+        async def ready() -> bool:
             assert process.popen.poll() is None, process.output()
             with contextlib.suppress(httpx.TransportError):
-                if (await client.get("/readyz")).status_code == 200:
-                    return time.monotonic() - started
-            await asyncio.sleep(0.05)  # polling readiness, with a deadline
+                return (await client.get("/readyz")).status_code == 200
+            return False
+
+        await eventually(ready, timeout=timeout)
+    return time.monotonic() - started
 
 
 @contextlib.asynccontextmanager
@@ -333,9 +336,11 @@ async def test_sigterm_drains_then_exits_zero(
             await upstream.wait_audio(200)
             signalled = time.monotonic()
             svc.popen.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(2):
-                while (await http.get("/readyz")).status_code != 503:
-                    await asyncio.sleep(0.01)  # polling readiness, with a deadline
+
+            async def not_ready() -> bool:
+                return (await http.get("/readyz")).status_code == 503
+
+            await eventually(not_ready, timeout=2, interval=0.005)
             not_ready_after = time.monotonic() - signalled
             # New sockets are refused while draining; the live one keeps relaying meanwhile.
             async with connect(f"{ws_base}{plan.step_ids[1]}?token={user.token}") as late:

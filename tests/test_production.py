@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import PASSWORD, Served, World
+from conftest import PASSWORD, Served, World, eventually
 from itsdangerous import URLSafeTimedSerializer
 from prometheus_client.parser import text_string_to_metric_families
 from test_voice import _wait_for_row, close_of, recv_bytes, stream_url
@@ -148,7 +148,7 @@ async def test_time_limits_close_the_session(
                 async def talk() -> None:
                     while True:
                         await ws.send(b"\x00\x00" * 320)
-                        await asyncio.sleep(0.02)  # real-time pacing of 20 ms frames
+                        await asyncio.sleep(0.02)  # paced: real-time 20 ms frames
 
                 talker = asyncio.create_task(talk())
             with pytest.raises(ConnectionClosed) as closed:
@@ -303,12 +303,12 @@ async def test_metrics_reflect_a_scripted_sequence_exactly(
         # 3 and 4: refused.
         await close_of(stream_url(served, plan.step_ids[0], "bad-token"))
         await close_of(stream_url(served, "not-a-step", user.token))
-        async with asyncio.timeout(5):
-            while True:  # the last session's figures land as its task unwinds
-                found = samples((await http.get("/metrics")).text)
-                if found.get(("coach_voice_sessions_active", ())) == 0:
-                    break
-                await asyncio.sleep(0.02)
+
+        async def settled() -> dict | None:  # the last session's figures land as its task unwinds
+            found = samples((await http.get("/metrics")).text)
+            return found if found.get(("coach_voice_sessions_active", ())) == 0 else None
+
+        found = await eventually(settled)
     assert found[("coach_voice_sessions_ended_total", (("code", "1000"),))] == 1
     assert found[("coach_voice_sessions_ended_total", (("code", "1011"),))] == 1
     assert found[("coach_voice_audio_bytes_total", (("direction", "in"),))] == 1000

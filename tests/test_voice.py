@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from conftest import Served, World
+from conftest import Served, World, eventually
 from jose import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -271,14 +271,13 @@ async def test_sessions_are_recorded_and_finalised(
 
 
 async def _wait_for_row(world: World, user_id: uuid.UUID) -> dict:
-    async with asyncio.timeout(5):
-        while True:
-            row = await world.pool.fetchrow(
-                "SELECT * FROM voice_sessions WHERE user_id = $1 AND ended_at IS NOT NULL", user_id
-            )
-            if row is not None:
-                return dict(row)
-            await asyncio.sleep(0.02)  # the row is finalised as the session task unwinds
+    """The user's finalised session row: it is written as the session task unwinds."""
+    row = await eventually(
+        lambda: world.pool.fetchrow(
+            "SELECT * FROM voice_sessions WHERE user_id = $1 AND ended_at IS NOT NULL", user_id
+        )
+    )
+    return dict(row)
 
 
 async def test_many_sessions_leave_no_task_connection_or_upstream_behind(
@@ -307,9 +306,11 @@ async def _open_and_drop_200_sessions(
 
     for batch in range(10):  # 20 concurrent callers, 10 times: 200 sessions
         await asyncio.gather(*(one(url, batch + n) for n, url in enumerate(urls)))
-    async with asyncio.timeout(10):
-        while simulator.open_sessions or len(asyncio.all_tasks()) > baseline_tasks:
-            await asyncio.sleep(0.05)  # waiting for teardown to finish, with a deadline
+
+    async def torn_down() -> bool:
+        return not simulator.open_sessions and len(asyncio.all_tasks()) <= baseline_tasks
+
+    await eventually(torn_down, timeout=10)
     ids = [u.id for u in users]
     open_rows, finished = await world.pool.fetchrow(
         "SELECT count(*) FILTER (WHERE ended_at IS NULL), count(*) FROM voice_sessions"
