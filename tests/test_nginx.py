@@ -34,7 +34,15 @@ import asyncpg
 import httpx
 import pytest
 from conftest import PASSWORD, World, eventually
-from test_process import SERVE_COMMAND, Process, base_env, free_port, wait_ready
+from test_process import (
+    SERVE_COMMAND,
+    Process,
+    base_env,
+    free_port,
+    service_process,
+    stop_process,
+    wait_ready,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
@@ -160,41 +168,19 @@ def port_of(process: Process) -> int:
     return int(process.url.rsplit(":", 1)[1])
 
 
-@contextlib.contextmanager
-def instance(app_dir: Path, logs: Path, name: str, env: dict[str, str]) -> Iterator[Process]:
+def instance(
+    app_dir: Path, logs: Path, name: str, env: dict[str, str]
+) -> contextlib.AbstractContextManager[Process]:
     """The image's CMD in the image's WORKDIR, on a loopback port."""
-    port = free_port()
-    log = logs / f"{name}.log"
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(
-            [sys.executable, *SERVE_COMMAND],
-            cwd=app_dir,
-            env={**env, "HOST": "127.0.0.1", "PORT": str(port)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield Process(popen, f"http://127.0.0.1:{port}", log)
-    finally:
-        _stop(popen)
+    return service_process(logs, env, name, cwd=app_dir)
 
 
 def _stop_all(popens: list[subprocess.Popen[bytes]]) -> None:
-    for popen in popens:
+    for popen in popens:  # signal every one first: each may take graceful_timeout
         if popen.poll() is None:
             popen.terminate()
     for popen in popens:
-        _stop(popen)
-
-
-def _stop(popen: subprocess.Popen[bytes]) -> None:
-    if popen.poll() is None:
-        popen.terminate()
-        try:
-            popen.wait(20)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait()
+        stop_process(popen)
 
 
 def render_nginx_conf(listen_port: int, upstream_ports: list[int], prefix: Path) -> str:
@@ -251,7 +237,7 @@ def nginx(prefix: Path, upstream_ports: list[int]) -> Iterator[Nginx]:
     try:
         yield Nginx(popen, port, access_log, error_log)
     finally:
-        _stop(popen)
+        stop_process(popen)
 
 
 @dataclass

@@ -54,29 +54,36 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def service_process(tmp: Path, env: dict[str, str], name: str = "svc") -> Iterator[Process]:
-    """`python -m serve` (Hypercorn with hypercorn.toml), as `make run` and the image run it."""
+def service_process(
+    tmp: Path, env: dict[str, str], name: str = "svc", *, cwd: Path = PROJECT
+) -> Iterator[Process]:
+    """`python -m serve` (Hypercorn with hypercorn.toml) in `cwd`, as `make run` and the image run
+    it, on a free loopback port; its output goes to `tmp/name.log`."""
     port = free_port()
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(
             [str(BIN / "python"), *SERVE_COMMAND],
-            cwd=PROJECT,
+            cwd=cwd,
             env={**env, "HOST": "127.0.0.1", "PORT": str(port)},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    process = Process(popen, f"http://127.0.0.1:{port}", log)
     try:
-        yield process
+        yield Process(popen, f"http://127.0.0.1:{port}", log)
     finally:
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                popen.wait(20)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
+        stop_process(popen)
+
+
+def stop_process(popen: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
 
 
 async def wait_ready(process: Process, timeout: float = 30) -> float:
