@@ -202,7 +202,7 @@ class LiveSession:
                     if go_away_deadline is None:  # the usual case: no timeout object per message
                         message = await anext(messages)
                     else:
-                        async with asyncio.timeout_at(_loop_deadline(go_away_deadline)):
+                        async with asyncio.timeout_at(go_away_deadline):
                             message = await anext(messages)
                     unexpected_retry_used = False
                     update = message.get("sessionResumptionUpdate")
@@ -260,9 +260,6 @@ class LiveSession:
         while True:
             try:
                 raw = await ws.recv(decode=False)
-            except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd is not None else 1006
-                raise _closed_error(code) from exc
             except Exception as exc:
                 raise _upstream_error(exc, connecting=False) from exc
             try:
@@ -322,24 +319,19 @@ def _b64decode(data: str) -> bytes:
 
 
 def _go_away_deadline(time_left: str | None) -> float:
+    """When to switch connections, in event-loop time: `GO_AWAY_MARGIN` before the announced end."""
     seconds = 0.0
     if time_left:
         with contextlib.suppress(ValueError):
             seconds = float(time_left.rstrip("s"))
-    return time.monotonic() + max(0.0, seconds - GO_AWAY_MARGIN)
+    return asyncio.get_running_loop().time() + max(0.0, seconds - GO_AWAY_MARGIN)
 
 
-def _loop_deadline(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
-
-
-def _closed_error(code: int) -> UpstreamError:
-    """The upstream closed with `code` (1006: no close frame), mapped as the SDK's APIError was."""
+def _closed_error(code: int, *, connecting: bool = False) -> UpstreamError:
+    """The upstream closed with `code` (1006: no close frame), in the browser's terms."""
     if code == 1000:
         return UpstreamError(Close.NORMAL, Reason.UPSTREAM_ENDED)
-    if code in RESUMABLE_CODES:
+    if code in RESUMABLE_CODES and not connecting:
         return UpstreamError(code, Reason.UPSTREAM_FAILED)  # the caller may resume
     return UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED)
 
@@ -347,15 +339,11 @@ def _closed_error(code: int) -> UpstreamError:
 def _upstream_error(exc: Exception, *, connecting: bool) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, genai_errors.APIError):
-        code = exc.code if isinstance(exc.code, int) else 1011
-        if code == 1000:
-            return UpstreamError(Close.NORMAL, Reason.UPSTREAM_ENDED)
-        if code in RESUMABLE_CODES and not connecting:
-            return UpstreamError(code, Reason.UPSTREAM_FAILED)  # the caller may resume
-        return UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED)
+    if isinstance(exc, genai_errors.APIError):  # the SDK's report of a close during connect()
+        return _closed_error(exc.code if isinstance(exc.code, int) else 1011, connecting=connecting)
     if isinstance(exc, ConnectionClosed):
-        return UpstreamError(1006, Reason.UPSTREAM_FAILED)
+        code = exc.rcvd.code if exc.rcvd is not None else 1006
+        return _closed_error(code, connecting=connecting)
     if isinstance(exc, (InvalidStatus, InvalidHandshake, OSError, TimeoutError)):
         return UpstreamError(Close.BAD_GATEWAY, Reason.UPSTREAM_UNAVAILABLE)
     return UpstreamError(Close.INTERNAL_ERROR, Reason.UPSTREAM_FAILED)

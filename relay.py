@@ -57,25 +57,56 @@ class Limits:
     idle_seconds: float
 
 
-class Outbox:
-    """Frames waiting for the browser, bounded in bytes.
+class _FrameQueue:
+    """Frames in order, counted in bytes; `_take()` joins the audio that piled up behind the first.
 
-    Audio that piles up while a send is in flight leaves as one frame (at most `MAX_JOINED_BYTES`):
-    fewer, larger frames when the browser is slow, and no added delay when it keeps up.
+    Joining at most `MAX_JOINED_BYTES` means fewer, larger messages exactly when the other side is
+    slower, and no added delay when it keeps up. Text frames (events) are never joined.
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self) -> None:
         self._frames: deque[bytes | str] = deque()
         self._bytes = 0
         self._ready = asyncio.Event()
 
-    def put(self, frame: bytes | str) -> None:
-        if self._bytes + len(frame) > self.max_bytes:
-            raise SessionEnd(Close.POLICY_VIOLATION, Reason.CLIENT_TOO_SLOW)
+    def _append(self, frame: bytes | str) -> None:
         self._frames.append(frame)
         self._bytes += len(frame)
         self._ready.set()
+
+    async def _take(self) -> bytes | str:
+        frames = self._frames  # a drop_audio() while waiting mutates this same deque
+        while not frames:
+            self._ready.clear()
+            await self._ready.wait()
+        first = frames.popleft()
+        if isinstance(first, bytes) and frames and isinstance(frames[0], bytes):
+            parts, size = [first], len(first)
+            while (
+                frames
+                and isinstance(frames[0], bytes)
+                and size + len(frames[0]) <= MAX_JOINED_BYTES
+            ):
+                frame = frames.popleft()
+                assert isinstance(frame, bytes)
+                parts.append(frame)
+                size += len(frame)
+            first = b"".join(parts)
+        self._bytes -= len(first)
+        return first
+
+
+class Outbox(_FrameQueue):
+    """Frames waiting for the browser, bounded in bytes: past the bound the session ends."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def put(self, frame: bytes | str) -> None:
+        if self._bytes + len(frame) > self.max_bytes:
+            raise SessionEnd(Close.POLICY_VIOLATION, Reason.CLIENT_TOO_SLOW)
+        self._append(frame)
 
     def drop_audio(self) -> None:
         """Barge-in: audio not yet sent is stale; events stay, in order."""
@@ -85,69 +116,36 @@ class Outbox:
         self._bytes = sum(len(f) for f in events)
 
     async def get(self) -> bytes | str:
-        frames = self._frames
-        while not frames:
-            self._ready.clear()
-            await self._ready.wait()
-        first = frames.popleft()
-        self._bytes -= len(first)
-        if isinstance(first, str) or not frames or isinstance(frames[0], str):
-            return first
-        parts: list[bytes] = [first]
-        size = len(first)
-        while frames and isinstance(frames[0], bytes) and size + len(frames[0]) <= MAX_JOINED_BYTES:
-            frame = frames.popleft()
-            assert isinstance(frame, bytes)
-            parts.append(frame)
-            size += len(frame)
-        self._bytes -= size - len(first)
-        return b"".join(parts)
+        return await self._take()
 
 
-class Inbox:
+class Inbox(_FrameQueue):
     """Browser audio on its way to Gemini: what arrives while a send is in flight leaves with the next.
 
     The forwarder sends whatever is here the moment it is free, so nothing waits when the relay keeps
-    up; when the loop is busy, frames that piled up go as one realtime_input (at most
-    `MAX_JOINED_BYTES`), which is what makes the per-message cost fall as the load rises. Bounded:
-    past `max_bytes` the reader stops reading the browser until the forwarder catches up, as it did
-    when it awaited each send itself.
+    up; when the loop is busy, frames that piled up go as one realtime_input, which is what makes the
+    per-message cost fall as the load rises. Bounded: past `max_bytes` the reader stops reading the
+    browser until the forwarder catches up, as it did when it awaited each send itself.
     """
 
     def __init__(self, max_bytes: int = 2 * MAX_JOINED_BYTES) -> None:
+        super().__init__()
         self.max_bytes = max_bytes
-        self._parts: deque[bytes] = deque()
-        self._bytes = 0
-        self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
 
     async def put(self, data: bytes) -> None:
-        self._parts.append(data)
-        self._bytes += len(data)
-        self._ready.set()
+        self._append(data)
         if self._bytes >= self.max_bytes:
             self._room.clear()
             await self._room.wait()
 
     async def get(self) -> bytes:
-        parts = self._parts
-        while not parts:
-            self._ready.clear()
-            await self._ready.wait()
-        first = parts.popleft()
-        size = len(first)
-        if parts and size + len(parts[0]) <= MAX_JOINED_BYTES:
-            joined = [first]
-            while parts and size + len(parts[0]) <= MAX_JOINED_BYTES:
-                frame = parts.popleft()
-                joined.append(frame)
-                size += len(frame)
-            first = b"".join(joined)
-        self._bytes -= size
+        data = await self._take()
+        assert isinstance(data, bytes)
         if self._bytes < self.max_bytes:
             self._room.set()
-        return first
+        return data
 
 
 async def relay(
