@@ -10,7 +10,7 @@ import pytest
 from conftest import PASSWORD, Served, World, eventually
 from itsdangerous import URLSafeTimedSerializer
 from prometheus_client.parser import text_string_to_metric_families
-from test_voice import _wait_for_row, close_of, recv_bytes, stream_url
+from test_voice import _wait_for_row, close_of, open_call, recv_bytes, stream_url
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -62,10 +62,7 @@ async def test_a_call_survives_two_go_aways_with_no_audio_lost_or_duplicated(
 async def test_an_unexpected_upstream_drop_is_resumed_once(
     service: Served, world: World, simulator: LiveSimulator
 ) -> None:
-    user = await world.user()
-    plan = await world.plan(user)
-    async with connect(stream_url(service, plan.step_ids[0], user.token)) as ws:
-        first = await simulator.next_session()
+    async with open_call(service, world, simulator) as (ws, first, _user, _plan):
         await first.send_resumption_update("handle-a")
         await first.send_audio(chunk(1))
         assert await recv_bytes(ws, 4800) == chunk(1)
@@ -88,10 +85,7 @@ async def test_an_unexpected_upstream_drop_is_resumed_once(
 async def test_go_away_without_a_resumable_handle_ends_the_call_cleanly(
     service: Served, world: World, simulator: LiveSimulator
 ) -> None:
-    user = await world.user()
-    plan = await world.plan(user)
-    async with connect(stream_url(service, plan.step_ids[0], user.token)) as ws:
-        upstream = await simulator.next_session()
+    async with open_call(service, world, simulator) as (ws, upstream, _user, _plan):
         await upstream.send_resumption_update("", resumable=False)  # never sent back as a handle
         await upstream.send_go_away("1s")
         with pytest.raises(ConnectionClosed) as closed:

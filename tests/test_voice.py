@@ -6,19 +6,32 @@ The upstream is the project's Live simulator over TLS, reached by the real googl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
-from conftest import Served, World, eventually
+from conftest import Plan, Served, User, World, eventually
 from jose import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from simulator import LiveSimulator
+from simulator import LiveSimulator, SimSession
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@contextlib.asynccontextmanager
+async def open_call(
+    service: Served, world: World, simulator: LiveSimulator
+) -> AsyncIterator[tuple[ClientConnection, SimSession, User, Plan]]:
+    """A new user with a plan, on a call about its first step: (socket, upstream, user, plan)."""
+    user = await world.user()
+    plan = await world.plan(user)
+    async with connect(stream_url(service, plan.step_ids[0], user.token)) as ws:
+        yield ws, await simulator.next_session(), user, plan
 
 
 def stream_url(served: Served, step_id: object, token: str | None = None) -> str:
@@ -178,10 +191,7 @@ async def test_system_instruction_is_grounded_in_profile_plan_and_progress(
 async def test_audio_is_relayed_byte_exact_both_ways_across_turns(
     service: Served, world: World, simulator: LiveSimulator
 ) -> None:
-    user = await world.user()
-    plan = await world.plan(user)
-    async with connect(stream_url(service, plan.step_ids[0], user.token)) as ws:
-        session = await simulator.next_session()
+    async with open_call(service, world, simulator) as (ws, session, _user, _plan):
         spoken = pcm(1.0)
         for offset in range(0, len(spoken), 1280):  # 40 ms frames
             await ws.send(spoken[offset : offset + 1280])
@@ -219,10 +229,7 @@ async def test_client_disconnect_closes_the_upstream_within_a_second(
 async def test_upstream_close_closes_the_client_within_a_second(
     service: Served, world: World, simulator: LiveSimulator, upstream_code: int, client_code: int
 ) -> None:
-    user = await world.user()
-    plan = await world.plan(user)
-    async with connect(stream_url(service, plan.step_ids[0], user.token)) as ws:
-        session = await simulator.next_session()
+    async with open_call(service, world, simulator) as (ws, session, _user, _plan):
         started = time.monotonic()
         await session.close(code=upstream_code, reason="simulated")
         with pytest.raises(ConnectionClosed) as closed:
@@ -253,10 +260,7 @@ async def test_upstream_unreachable_closes_1014(serve_app, world: World) -> None
 async def test_sessions_are_recorded_and_finalised(
     service: Served, world: World, simulator: LiveSimulator
 ) -> None:
-    user = await world.user()
-    plan = await world.plan(user)
-    async with connect(stream_url(service, plan.step_ids[0], user.token)) as ws:
-        session = await simulator.next_session()
+    async with open_call(service, world, simulator) as (ws, session, user, plan):
         await ws.send(b"\x00\x01" * 500)
         await session.wait_audio(1000)
         await session.send_audio(b"\x02\x03" * 600)
