@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -39,9 +40,8 @@ def system_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
-def all_processes() -> dict[int, tuple[str, float]]:
-    """pid -> (command, CPU seconds) for every process now."""
-    out = {}
+def _stats() -> Iterator[tuple[int, str, list[bytes]]]:
+    """(pid, command, the fields after it) of every process now, from /proc/PID/stat."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -49,11 +49,18 @@ def all_processes() -> dict[int, tuple[str, float]]:
             with open(f"/proc/{name}/stat", "rb") as f:
                 raw = f.read()
         except OSError:
-            continue
+            continue  # it exited meanwhile
         comm = raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        out[int(name)] = (comm, (int(fields[11]) + int(fields[12])) / CLK_TCK)
-    return out
+        yield int(name), comm, raw[raw.rindex(b")") + 2 :].split()
+
+
+def _cpu_seconds(fields: list[bytes]) -> float:
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def all_processes() -> dict[int, tuple[str, float]]:
+    """pid -> (command, CPU seconds) for every process now."""
+    return {pid: (comm, _cpu_seconds(fields)) for pid, comm, fields in _stats()}
 
 
 @dataclass
@@ -119,20 +126,13 @@ def busy_processes(min_percent: float = 20.0, exclude: set[int] | None = None) -
     out = []
     with open("/proc/uptime") as f:
         uptime = float(f.read().split()[0])
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in exclude:
+    for pid, comm, fields in _stats():
+        if pid in exclude:
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        comm = raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        cpu = _cpu_seconds(fields)
         age = uptime - int(fields[19]) / CLK_TCK
         if age > 1 and 100.0 * cpu / age >= min_percent:
-            out.append(f"{name}:{comm}:{100.0 * cpu / age:.0f}%")
+            out.append(f"{pid}:{comm}:{100.0 * cpu / age:.0f}%")
     return out
 
 

@@ -202,17 +202,9 @@ class Service:
         raise TimeoutError(f"{self.server} not ready after {timeout} s; see {self.log_path}")
 
     async def stop(self, timeout: float = 15.0) -> int | None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return proc.returncode if proc else None
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        return proc.returncode
+        """SIGTERM (the service drains), then its exit code."""
+        await _stop(self.proc, signal.SIGTERM, timeout)
+        return self.proc.returncode if self.proc else None
 
 
 async def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
@@ -302,15 +294,21 @@ class SimulatorProcess:
         raise TimeoutError("simulator did not start")
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            for _ in range(100):
-                if self.proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                self.proc.kill()
+        await _stop(self.proc, signal.SIGTERM)
         self._tmp.cleanup()
+
+
+async def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 5.0) -> None:
+    """Send `sig`, give the process `timeout` seconds to exit, then kill it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # paced: polling a child's exit, bounded
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
 
 
 def python_of_venv() -> str:
@@ -418,12 +416,5 @@ class NginxProxy:
         return out
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            for _ in range(100):
-                if self.proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                self.proc.kill()
+        await _stop(self.proc, signal.SIGQUIT)  # nginx: a fast shutdown
         self._tmp.cleanup()
