@@ -113,8 +113,12 @@ async def fresh_database(dsn: str) -> AsyncIterator[str]:
 
 
 def coach(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return run_in_project(str(BIN / "coach"), *args, env=env)
+
+
+def run_in_project(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "coach"), *args],
+        argv,
         cwd=PROJECT,
         env=env,
         capture_output=True,
@@ -144,15 +148,7 @@ async def test_two_instances_starting_at_once_apply_the_schema_exactly_once(
 async def test_missing_jwt_secret_stops_startup_with_one_line(tmp_path: Path) -> None:
     env = base_env(DATABASE_URL="postgresql://unused@127.0.0.1:1/x")
     env.pop("JWT_SECRET", None)
-    result = subprocess.run(
-        [str(BIN / "python"), "-c", "import app"],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_in_project(str(BIN / "python"), "-c", "import app", env=env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "configuration error: JWT_SECRET is required (set COACH_DEV=1 for a generated one)"
