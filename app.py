@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_logging(settings.log_level, settings.log_format)
     lifecycle = Lifecycle(settings.drain_seconds)
     metrics = Metrics()
+    metrics.active_sessions.set_function(lambda: lifecycle.active_sessions)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -59,7 +60,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 yield {
                     "settings": settings,
                     "pool": pool,
-                    "coach_ai": gemini.connector_from_settings(settings),
+                    "coach_ai": gemini.connector_from_settings(
+                        settings, on_connect=metrics.upstream_connect_seconds.observe
+                    ),
                     "lifecycle": lifecycle,
                     "metrics": metrics,
                 }

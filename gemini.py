@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,10 +91,18 @@ class UpstreamError(Exception):
 class LiveConnector:
     """Opens Live sessions for one model with one configured client (shared by every session)."""
 
-    def __init__(self, client: genai.Client, model: str, *, transcripts: bool = False) -> None:
+    def __init__(
+        self,
+        client: genai.Client,
+        model: str,
+        *,
+        transcripts: bool = False,
+        on_connect: Callable[[float], None] | None = None,
+    ) -> None:
         self.client = client
         self.model = model
         self.transcripts = transcripts
+        self.on_connect = on_connect  # told each connection's set-up time, in seconds
 
     @contextlib.asynccontextmanager
     async def session(self, system_instruction: str) -> AsyncIterator[LiveSession]:
@@ -136,7 +144,6 @@ class LiveSession:
         self._closed = False
         self.handle: str | None = None
         self.reconnects = 0
-        self.connect_seconds: list[float] = []
 
     async def open(self) -> None:
         stack = contextlib.AsyncExitStack()
@@ -154,7 +161,8 @@ class LiveSession:
             if isinstance(exc, Exception):
                 raise _upstream_error(exc, connecting=True) from exc
             raise
-        self.connect_seconds.append(time.monotonic() - started)
+        if self._connector.on_connect is not None:
+            self._connector.on_connect(time.monotonic() - started)
         self._stack = stack
         self._ready.set()
 
@@ -276,7 +284,9 @@ def realtime_audio_message(pcm: bytes) -> str:
     return _AUDIO_HEAD + base64.urlsafe_b64encode(pcm).decode("ascii") + _AUDIO_TAIL
 
 
-def connector_from_settings(settings: Settings) -> LiveConnector | None:
+def connector_from_settings(
+    settings: Settings, on_connect: Callable[[float], None] | None = None
+) -> LiveConnector | None:
     """None when no API key is configured: the voice socket then refuses with 1011."""
     if not settings.gemini_api_key:
         return None
@@ -286,7 +296,9 @@ def connector_from_settings(settings: Settings) -> LiveConnector | None:
         async_client_args=dict(WEBSOCKET_OPTIONS),
     )
     client = genai.Client(api_key=settings.gemini_api_key, http_options=http_options)
-    return LiveConnector(client, settings.gemini_model, transcripts=settings.transcripts)
+    return LiveConnector(
+        client, settings.gemini_model, transcripts=settings.transcripts, on_connect=on_connect
+    )
 
 
 def _content_events(content: dict[str, Any]) -> list[Event]:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Read from the lifecycle's count when scraped (`set_function`), not kept twice.
         self.active_sessions = Gauge(
             "coach_voice_sessions_active", "Voice sessions relaying now", registry=self.registry
         )

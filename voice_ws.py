@@ -149,7 +149,6 @@ async def _run_session(
     end = SessionEnd(Close.INTERNAL_ERROR, Reason.INTERNAL)
     upstream: LiveSession | None = None
     lifecycle.session_started()
-    metrics.active_sessions.inc()
     try:
         if events:
             await websocket.send_json({"type": "session", "id": str(session_id)})
@@ -158,7 +157,6 @@ async def _run_session(
             TranscriptLog(state.pool, session_id) as transcript,
             connector.session(instruction) as upstream,
         ):
-            metrics.upstream_connect_seconds.observe(upstream.connect_seconds[0])
             end = await relay(
                 receive,
                 send,
@@ -194,13 +192,10 @@ async def _run_session(
                 upstream_reconnects=reconnects,
             )
         )
-        metrics.active_sessions.dec()
         metrics.sessions_ended.labels(str(end.code)).inc()
         metrics.audio_bytes.labels("in").inc(counters.bytes_in)
         metrics.audio_bytes.labels("out").inc(counters.bytes_out)
         metrics.upstream_reconnects.inc(reconnects)
-        for seconds in upstream.connect_seconds[1:] if upstream is not None else ():
-            metrics.upstream_connect_seconds.observe(seconds)
         lifecycle.session_ended()
         log.info(
             "voice session %s ended: %d %s; %.1f s, %d bytes in, %d bytes out, %d reconnects",
