@@ -50,7 +50,8 @@ class RedactingFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Idempotent: configures the root logger once, plus Hypercorn's loggers, with redaction."""
+    """Idempotent: configures the root logger once, with redaction. Hypercorn's records reach it
+    through `hypercorn.toml`'s `logconfig_dict`, which removes Hypercorn's own handlers."""
     root = logging.getLogger()
     if any(isinstance(f, RedactingFilter) for h in root.handlers for f in h.filters):
         return
@@ -63,6 +64,3 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     )
     root.addHandler(handler)
     root.setLevel(level)
-    for name in ("hypercorn.error", "hypercorn.access"):
-        for existing in logging.getLogger(name).handlers:
-            existing.addFilter(RedactingFilter())
