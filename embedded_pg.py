@@ -132,9 +132,15 @@ class EmbeddedPostgres:
         return copy / "bin"
 
     def _can_run(self, binary: Path) -> bool:
-        result = subprocess.run(  # noqa: S603 - fixed binary path, no shell
-            [str(binary), "--version"], capture_output=True, check=False, **self._as_server_user()
-        )
+        try:
+            result = subprocess.run(  # noqa: S603 - fixed binary path, no shell
+                [str(binary), "--version"],
+                capture_output=True,
+                check=False,
+                **self._as_server_user(),
+            )
+        except PermissionError:  # the exec itself was refused: a parent directory is private
+            return False
         return result.returncode == 0
 
     def _initdb(self, bin_dir: Path) -> None:
@@ -219,7 +225,13 @@ class EmbeddedPostgres:
     def _as_server_user(self) -> dict[str, Any]:
         if self._user is None:
             return {}
-        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+        # cwd "/": the caller's directory (a private checkout, say) may be closed to that user.
+        return {
+            "user": self._user.pw_uid,
+            "group": self._user.pw_gid,
+            "extra_groups": [],
+            "cwd": "/",
+        }
 
     def _chown(self, path: Path) -> None:
         if self._user is not None:
